@@ -1,0 +1,100 @@
+"""The learner interface every algorithm implements.
+
+A learner adapts to each task's support set and scores the queries
+(`predict`), and owns its outer update (`meta_train_step`). The trainer only
+ever calls these, so a new algorithm is one file and one yaml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metarun.data.episodes import Episodes
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MetaLearner(nn.Module):
+    """Base class: subclasses implement `predict`; most keep the default step."""
+
+    optimizer: torch.optim.Optimizer | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.amp_dtype: torch.dtype | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+
+    # -- the contract -------------------------------------------------------
+    def predict(
+        self,
+        support_x: torch.Tensor,
+        support_y: torch.Tensor,
+        query_x: torch.Tensor,
+        way: int | None = None,
+    ) -> torch.Tensor:
+        """Adapt to each task's support set, return query logits [B, n_query, way]."""
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over all queries of all tasks."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), query_y.flatten())
+
+    def meta_train_step(self, episodes: Episodes) -> dict[str, torch.Tensor]:
+        """One outer update: loss on predict(...) + optimizer step.
+
+        Returns detached scalar tensors; the trainer reads them only when it
+        logs, so a GPU step does not wait on a host sync.
+        """
+        self.train()
+        with self.autocast():
+            logits = self.predict(
+                episodes.support_x, episodes.support_y, episodes.query_x, episodes.way
+            )
+            loss = self.loss(logits, episodes.query_y)
+        self.optimizer_step(loss)
+        return {"loss": loss.detach(), "acc": accuracy(logits, episodes.query_y)}
+
+    # -- shared machinery ---------------------------------------------------
+    def configure_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+        return self.optimizer
+
+    def set_precision(self, amp: str) -> None:
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"trainer.amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+        self.amp_dtype = AMP_DTYPES[amp]
+        # fp16 gradients underflow without loss scaling; bf16 does not need it
+        self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is None:
+            loss.backward()
+            self.optimizer.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of correct predictions, per task: [B] from logits [B, n, way] and y [B, n]."""
+    return (logits.argmax(-1) == y).float().mean(-1).detach()
+
+
+def infer_way(support_y: torch.Tensor, way: int | None) -> int:
+    """`way` when given; else from the labels (a host sync, so callers pass it)."""
+    return int(support_y.max()) + 1 if way is None else way

@@ -1,0 +1,189 @@
+"""Episodes: the one place where tasks are sampled and split into support/query.
+
+Sampling is tensor indexing on the store's device with a seeded
+`torch.Generator`: no per-image Python, no PIL in the training loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import torch
+
+from .errors import ConfigError
+from .store import ClassStore, rotate
+
+
+@dataclass(frozen=True)
+class Episodes:
+    """A meta-batch of B tasks, already on the device."""
+
+    support_x: torch.Tensor  # [B, way*shot, C, H, W] float
+    support_y: torch.Tensor  # [B, way*shot] int64 in 0..way-1
+    query_x: torch.Tensor  # [B, way*query, C, H, W]
+    query_y: torch.Tensor  # [B, way*query]
+    classes: torch.Tensor  # [B, way] global class ids behind labels 0..way-1
+
+    @property
+    def way(self) -> int:
+        return self.classes.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.classes.shape[0]
+
+    def to(self, device) -> Episodes:
+        return Episodes(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def __getitem__(self, idx) -> Episodes:
+        """Slice along the task dimension (keeps the batch dim)."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        return Episodes(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+
+def check_episode_shape(
+    store: ClassStore, way: int, shot: int, query: int, split: str = ""
+) -> None:
+    """Raise a clear error when a split cannot supply the requested episodes."""
+    where = f" in the {split!r} split" if split else ""
+    for name, value in (("way", way), ("shot", shot), ("query", query)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if way > store.num_classes:
+        raise ConfigError(
+            f"way={way} is larger than the {store.num_classes} classes{where}; "
+            f"use way<={store.num_classes} or a data set with more classes."
+        )
+    if shot + query > store.min_samples:
+        raise ConfigError(
+            f"shot+query={shot + query} (shot={shot}, query={query}) is larger than the "
+            f"{store.min_samples} samples of the smallest class{where}; lower shot or query."
+        )
+
+
+def sample_indices(
+    counts: torch.Tensor,
+    rotations: int,
+    n: int,
+    way: int,
+    k: int,
+    generator: torch.Generator,
+    s_max: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw n tasks of `way` classes with k distinct samples each.
+
+    counts: [n_base] images per base class, on the generator's device.
+    s_max: counts.max(), passed in to avoid a host sync per draw on CUDA.
+    Returns global class ids [n, way] and sample ids [n, way, k] on that device.
+    """
+    dev, n_base = counts.device, len(counts)
+    # classes: the first `way` of a random permutation of all (rotated) classes
+    classes = torch.rand(n, n_base * rotations, generator=generator, device=dev).argsort(dim=1)[
+        :, :way
+    ]
+    class_counts = counts[classes % n_base]  # [n, way]
+    s_max = int(counts.max()) if s_max is None else s_max
+    # samples: per class, the first k of a random permutation of its own images
+    keys = torch.rand(n, way, s_max, generator=generator, device=dev)
+    keys = keys.masked_fill(torch.arange(s_max, device=dev) >= class_counts[..., None], 2.0)
+    return classes, keys.argsort(dim=-1)[..., :k]
+
+
+def gather(store: ClassStore, classes: torch.Tensor, samples: torch.Tensor, shot: int) -> Episodes:
+    """Turn index tensors into an Episodes batch (the support/query split)."""
+    n, way, k = samples.shape
+    base, rot = classes % store.n_base, classes // store.n_base
+    rows = store.offsets[base][..., None] + samples  # [n, way, k]
+    x = store.images[rows]  # [n, way, k, C, H, W] uint8
+    x = rotate(x, rot[..., None].expand(n, way, k), store.rotations)
+    x = x.float().div_(255.0)
+    shape = x.shape[3:]
+    labels = torch.arange(way, device=store.device)[None, :, None].expand(n, way, k)
+    support_x = x[:, :, :shot].reshape(n, way * shot, *shape)
+    query_x = x[:, :, shot:].reshape(n, way * (k - shot), *shape)
+    support_y = labels[:, :, :shot].reshape(n, way * shot)
+    query_y = labels[:, :, shot:].reshape(n, way * (k - shot))
+    return Episodes(support_x, support_y, query_x, query_y, classes)
+
+
+class EpisodeSampler:
+    """Random N-way K-shot tasks from a class store, on the store's device.
+
+    >>> tasks = EpisodeSampler(store, way=5, shot=1, query=15, device="cpu", seed=0)
+    >>> episodes = tasks.sample(32)   # Episodes with B=32
+    """
+
+    def __init__(
+        self,
+        store: ClassStore,
+        way: int,
+        shot: int,
+        query: int,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        split: str = "",
+    ):
+        check_episode_shape(store, way, shot, query, split)
+        self.store = store if store.device == torch.device(device) else store.to(device)
+        self.way, self.shot, self.query = way, shot, query
+        self.generator = torch.Generator(device=self.store.device).manual_seed(seed)
+        self._s_max = int(store.counts.max())
+
+    def sample(self, batch_size: int) -> Episodes:
+        classes, samples = sample_indices(
+            self.store.counts,
+            self.store.rotations,
+            batch_size,
+            self.way,
+            self.shot + self.query,
+            self.generator,
+            self._s_max,
+        )
+        return gather(self.store, classes, samples, self.shot)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class FixedEpisodes:
+    """A fixed list of episodes defined by a seed, for validation and testing.
+
+    The indices are drawn on the CPU once, so the same seed gives the same
+    episodes on every device and for every algorithm; images are gathered
+    batch by batch on the store's device when iterated.
+    """
+
+    def __init__(
+        self,
+        store: ClassStore,
+        n: int,
+        way: int,
+        shot: int,
+        query: int,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        split: str = "",
+    ):
+        check_episode_shape(store, way, shot, query, split)
+        if n < 1:
+            raise ConfigError(f"the number of evaluation episodes must be positive, got {n}")
+        self.store = store if store.device == torch.device(device) else store.to(device)
+        self.n, self.way, self.shot, self.query = n, way, shot, query
+        gen = torch.Generator().manual_seed(seed)
+        classes, samples = sample_indices(
+            store.counts.cpu(), store.rotations, n, way, shot + query, gen
+        )
+        self.classes, self.samples = classes.to(self.store.device), samples.to(self.store.device)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batches(self, batch_size: int) -> Iterator[Episodes]:
+        for start in range(0, self.n, batch_size):
+            end = min(start + batch_size, self.n)
+            yield gather(self.store, self.classes[start:end], self.samples[start:end], self.shot)

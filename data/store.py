@@ -1,0 +1,149 @@
+"""Class stores: a whole split decoded once into one uint8 tensor.
+
+Images of all classes are concatenated into `images` [N, C, H, W]; class `c`
+owns rows `offsets[c] : offsets[c] + counts[c]`. Classes may differ in size.
+Rotation augmentation (Omniglot's x4 classes) is index arithmetic: class id
+`k * n_base + b` is base class `b` rotated by `k * 90` degrees, and the
+rotation is applied to the sampled images only, never stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass
+class ClassStore:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    offsets: torch.Tensor  # int64 [n_base]
+    counts: torch.Tensor  # int64 [n_base]
+    names: list[str] = field(default_factory=list)  # one per base class
+    rotations: int = 1  # 1 (none) or 4 (0/90/180/270 degrees as new classes)
+
+    def __post_init__(self) -> None:
+        if self.rotations not in (1, 2, 4):
+            raise ConfigError(f"rotations must be 1, 2 or 4, got {self.rotations}")
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ConfigError("ClassStore.images must be a uint8 tensor [N, C, H, W]")
+
+    @classmethod
+    def from_classes(cls, per_class: list[torch.Tensor], names: list[str], rotations: int = 1):
+        """Build from a list of uint8 tensors [n_i, C, H, W], one per class."""
+        counts = torch.tensor([len(x) for x in per_class], dtype=torch.int64)
+        offsets = torch.cumsum(counts, 0) - counts
+        return cls(torch.cat(per_class), offsets, counts, list(names), rotations)
+
+    @property
+    def n_base(self) -> int:
+        return len(self.counts)
+
+    @property
+    def num_classes(self) -> int:
+        return self.n_base * self.rotations
+
+    @property
+    def min_samples(self) -> int:
+        return int(self.counts.min()) if self.n_base else 0
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: str | torch.device) -> ClassStore:
+        return ClassStore(
+            self.images.to(device),
+            self.offsets.to(device),
+            self.counts.to(device),
+            self.names,
+            self.rotations,
+        )
+
+    def select(self, base_ids: list[int], rotations: int | None = None) -> ClassStore:
+        """A store holding only the given base classes (used to cut splits)."""
+        parts = [
+            self.images[o : o + n]
+            for o, n in zip(self.offsets[base_ids].tolist(), self.counts[base_ids].tolist())
+        ]
+        names = [self.names[i] for i in base_ids]
+        return ClassStore.from_classes(
+            parts, names, self.rotations if rotations is None else rotations
+        )
+
+    def class_images(self, class_id: int) -> torch.Tensor:
+        """All images of one (possibly rotated) class, uint8 [n, C, H, W]."""
+        base, rot = class_id % self.n_base, class_id // self.n_base
+        o, n = int(self.offsets[base]), int(self.counts[base])
+        return rotate(
+            self.images[o : o + n], torch.full((n,), rot, device=self.device), self.rotations
+        )
+
+    def state(self) -> dict:
+        return {
+            "images": self.images,
+            "offsets": self.offsets,
+            "counts": self.counts,
+            "names": self.names,
+            "rotations": self.rotations,
+        }
+
+
+def rotate(images: torch.Tensor, rot: torch.Tensor, rotations: int) -> torch.Tensor:
+    """Rotate images [..., C, H, W] by rot[...] * (360 / rotations) degrees.
+
+    `rot` has the leading shape of `images`. Each rotation amount is one
+    masked `rot90` over the images that need it, so the cost is a few
+    whole-tensor ops, not a per-image loop.
+    """
+    if rotations == 1:
+        return images
+    out = images.clone()
+    quarter_turns = 4 // rotations
+    for k in range(1, rotations):
+        mask = rot == k
+        # torch.where over the whole tensor: no data-dependent shapes, no host sync on CUDA
+        out = torch.where(
+            mask[(...,) + (None,) * 3], torch.rot90(images, k * quarter_turns, dims=(-2, -1)), out
+        )
+    return out
+
+
+# ---------------------------------------------------------------- disk cache
+
+
+def cache_dir() -> Path:
+    """Where decoded stores live: $METARUN_CACHE or ~/.cache/metarun (never the data root)."""
+    return Path(os.environ.get("METARUN_CACHE") or Path.home() / ".cache" / "metarun").expanduser()
+
+
+def cache_key(**parts) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha1(blob).hexdigest()[:16]
+
+
+def cached_store(name: str, key: dict, build: Callable[[], ClassStore]) -> ClassStore:
+    """Load a decoded store from the cache, or build it and write it there atomically."""
+    path = cache_dir() / f"{name}-{cache_key(**key)}.pt"
+    if path.exists():
+        try:
+            return ClassStore(**torch.load(path, map_location="cpu", weights_only=True))
+        except Exception:  # a stale or broken cache file is rebuilt, never fatal
+            path.unlink(missing_ok=True)
+    store = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(store.state(), tmp)
+    os.replace(tmp, path)
+    return store

@@ -1,0 +1,1 @@
+"""The command-line runner: config -> objects -> one episodic training loop."""

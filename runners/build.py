@@ -1,0 +1,112 @@
+"""Config -> objects: device, data stores, learner, preprocessing.
+
+Everything here is driven by `_target_` nodes, so no function branches on
+an algorithm's or data set's name.
+"""
+
+from __future__ import annotations
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.algorithms.base import MetaLearner
+from metarun.data.errors import ConfigError
+from metarun.data.images import Preprocess
+from metarun.data.store import ClassStore
+
+# keys of a data config that describe the images rather than configure the loader
+DATA_META_KEYS = ("name", "channels", "invert")
+SPLITS = ("train", "val", "test")
+MODES = ("train", "test", "predict")
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a usable torch.device, or a clear error."""
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(
+            f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={name} was requested but CUDA is not available here; "
+                "use device=cpu or device=auto"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device={name}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+    elif device.type != "cpu":
+        raise ConfigError(f"device={name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def build_store(data_cfg: DictConfig, split: str) -> ClassStore:
+    """Decode (or load from the cache) one split of the configured data set."""
+    return instantiate(without(data_cfg, DATA_META_KEYS), split=split, _convert_="all")
+
+
+def build_stores(data_cfg: DictConfig, splits=SPLITS) -> dict[str, ClassStore]:
+    return {split: build_store(data_cfg, split) for split in splits}
+
+
+def without(node: DictConfig, keys) -> dict:
+    """A config node as a plain dict, resolved, minus descriptive keys."""
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in keys}
+
+
+def build_learner(cfg: DictConfig) -> MetaLearner:
+    """The configured algorithm around the configured backbone."""
+    backbone = instantiate(without(cfg.backbone, ("name",)))
+    return instantiate(without(cfg.algo, ("name",)), backbone=backbone, _convert_="all")
+
+
+def preprocess_of(data_cfg: DictConfig) -> Preprocess:
+    """How raw image files must be turned into this data set's tensors."""
+    return Preprocess(
+        size=int(data_cfg.image_size), channels=int(data_cfg.channels), invert=bool(data_cfg.invert)
+    )
+
+
+def positive_int(cfg: DictConfig, key: str) -> int:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}; e.g. {key}=5")
+    return value
+
+
+def validate(cfg: DictConfig) -> None:
+    """Fail before any work on settings that cannot run."""
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode={cfg.mode!r} is unknown; choose one of {', '.join(MODES)}")
+    if cfg.mode in ("test", "predict") and not cfg.get("ckpt"):
+        raise ConfigError(f"mode={cfg.mode} needs a checkpoint: add ckpt=PATH/TO/best.pt")
+    if cfg.mode == "predict":
+        if not cfg.get("support") or not isinstance(cfg.query, str):
+            raise ConfigError(
+                "mode=predict needs support=DIR (one subfolder per class) and query=DIR "
+                "(the images to classify)"
+            )
+        return
+    keys = ["way", "shot", "query", "eval.way", "eval.shot", "eval.query", "eval.episodes"]
+    if cfg.mode == "train":
+        keys += [
+            "trainer.steps",
+            "trainer.meta_batch",
+            "trainer.val_every",
+            "trainer.val_episodes",
+            "trainer.log_every",
+            "trainer.ckpt_every",
+        ]
+    for key in keys:
+        positive_int(cfg, key)
+    if cfg.mode == "train" and not float(cfg.trainer.lr) > 0:
+        raise ConfigError(f"trainer.lr must be positive, got {cfg.trainer.lr}")
+    if cfg.trainer.amp not in ("off", "bf16", "fp16"):
+        raise ConfigError(f"trainer.amp={cfg.trainer.amp!r}; choose off, bf16 or fp16")

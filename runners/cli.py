@@ -1,0 +1,137 @@
+"""The `metarun` command: one Hydra app that trains, tests or predicts.
+
+metarun algo=protonet data=omniglot way=20 shot=1
+metarun mode=test ckpt=outputs/<date>/<time>/checkpoints/best.pt
+metarun -m algo=protonet shot=1,5
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.data.errors import ConfigError, MetarunError
+from metarun.runners import checkpoint
+from metarun.runners.build import build_store, resolve_device, validate
+from metarun.runners.evaluate import evaluate
+from metarun.runners.trainer import Trainer, eval_episodes, results_record, write_results
+
+log = logging.getLogger("metarun")
+
+# what `mode=test` may change in a checkpoint's stored config
+TEST_OVERRIDABLE = ("way", "shot", "query", "eval.", "data.root", "data.download", "device")
+
+
+def overrides() -> list[str]:
+    """This job's command-line overrides (Hydra's own excluded)."""
+    return list(HydraConfig.get().overrides.task)
+
+
+def override_keys() -> list[str]:
+    return [o.split("=", 1)[0].lstrip("+~") for o in overrides()]
+
+
+def find_resumable(output_root: Path, wanted: list[str], exclude: Path) -> Path | None:
+    """The newest run under output_root launched with the same overrides, with a last.pt."""
+    best = None
+    for file in Path(output_root).glob("**/.hydra/overrides.yaml"):
+        run = file.parent.parent
+        last = run / "checkpoints" / "last.pt"
+        if run == exclude or not last.exists():
+            continue
+        if same_overrides(yaml.safe_load(file.read_text()) or [], wanted):
+            if best is None or last.stat().st_mtime > best.stat().st_mtime:
+                best = last
+    return best
+
+
+def same_overrides(a: list[str], b: list[str]) -> bool:
+    def norm(items):
+        return sorted(o for o in items if not o.startswith("resume="))
+
+    return norm(a) == norm(b)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    device = resolve_device(cfg.device)
+    resume_from = None
+    if cfg.get("resume") == "auto":
+        resume_from = find_resumable(Path(cfg.paths.output_root), overrides(), run_dir)
+        if resume_from is None:
+            log.info("resume=auto: no earlier run with these overrides; starting a new run")
+    elif cfg.get("resume"):
+        resume_from = Path(str(cfg.resume)).expanduser()
+        if resume_from.is_dir():
+            resume_from = resume_from / "checkpoints" / "last.pt"
+    if resume_from is not None:
+        run_dir = resume_from.parent.parent  # continue writing into the run being resumed
+        log.info("continuing run %s", run_dir)
+    trainer = Trainer(cfg, run_dir, device)
+    return trainer.fit(resume_from)
+
+
+def test(cfg: DictConfig, run_dir: Path) -> dict:
+    """Evaluate a checkpoint with its own config; only evaluation settings may change."""
+    state = checkpoint.load(cfg.ckpt)
+    stored = OmegaConf.create(state["config"])
+    for key in override_keys():
+        if key in ("mode", "ckpt", "resume", "paths.output_root") or key.startswith("logger"):
+            continue
+        if not key.startswith(TEST_OVERRIDABLE):
+            raise ConfigError(
+                f"mode=test uses the checkpoint's config; {key}= cannot be changed "
+                f"(allowed: way, shot, query, eval.*, data.root, data.download, device)"
+            )
+        target = f"eval.{key}" if key in ("way", "shot", "query") else key
+        OmegaConf.update(stored, target, OmegaConf.select(cfg, key), merge=False)
+    validate(OmegaConf.merge(stored, {"mode": "test", "ckpt": cfg.ckpt}))
+    device = resolve_device(stored.device)
+    learner = checkpoint.load_learner(state["path"], device=device)
+    episodes = eval_episodes(
+        stored, build_store(stored.data, "test"), stored.eval.episodes, device, "test"
+    )
+    result = evaluate(learner, episodes, stored.eval.batch)
+    results = results_record(stored, result, steps=state["step"], ckpt=state["path"])
+    write_results(run_dir, results)
+    return results
+
+
+def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:
+    from metarun.runners.predict import predict_folder, print_predictions
+
+    learner = checkpoint.load_learner(cfg.ckpt, device=resolve_device(cfg.device))
+    out = run_dir / "predictions.csv"
+    rows = predict_folder(learner, cfg.support, cfg.query, out)
+    print_predictions(rows, out)
+    return rows
+
+
+MODES = {"train": train, "test": test, "predict": predict}
+
+
+@hydra.main(version_base="1.3", config_path="pkg://metarun.conf", config_name="config")
+def app(cfg: DictConfig):
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        validate(cfg)
+        return MODES[cfg.mode](cfg, run_dir)
+    except MetarunError as err:
+        if os.environ.get("METARUN_DEBUG"):
+            raise
+        print(f"metarun: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,34 @@
+"""The one evaluation protocol: fixed episodes, mean accuracy, 95% CI."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from metarun.algorithms.base import MetaLearner, accuracy
+from metarun.data.episodes import FixedEpisodes
+
+
+def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and half-width of the normal 95% interval: 1.96 * std / sqrt(n)."""
+    values = values.double()
+    n = len(values)
+    std = float(values.std(unbiased=True)) if n > 1 else 0.0
+    return float(values.mean()), 1.96 * std / math.sqrt(n)
+
+
+@torch.no_grad()
+def evaluate(learner: MetaLearner, episodes: FixedEpisodes, batch_size: int = 16) -> dict:
+    """Accuracy of `learner` on every fixed episode: mean and 95% CI, in [0, 1]."""
+    was_training = learner.training
+    learner.eval()
+    accs = []
+    for batch in episodes.batches(batch_size):
+        with learner.autocast():
+            logits = learner.predict(batch.support_x, batch.support_y, batch.query_x, batch.way)
+        accs.append(accuracy(logits, batch.query_y))  # [b]
+    learner.train(was_training)
+    per_episode = torch.cat(accs).cpu()
+    acc, ci = mean_ci95(per_episode)
+    return {"acc": acc, "ci95": ci, "episodes": len(per_episode)}

@@ -1,0 +1,72 @@
+"""`mode=predict`: classify a folder of query images from a folder of examples."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import torch
+
+from metarun.data.errors import ConfigError
+from metarun.data.images import list_images, to_float
+
+log = logging.getLogger("metarun")
+
+
+def read_support(folder: Path, preprocess) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """support/<class>/<image> -> x [n, C, H, W] uint8, y [n], class names."""
+    classes = sorted(p for p in folder.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise ConfigError(
+            f"support={folder} needs one subfolder per class (at least 2), found {len(classes)}"
+        )
+    xs, ys = [], []
+    for label, class_dir in enumerate(classes):
+        files = list_images(class_dir)
+        if not files:
+            raise ConfigError(f"support class folder {class_dir} has no images (.png, .jpg, ...)")
+        xs += [preprocess(f) for f in files]
+        ys += [label] * len(files)
+    return torch.stack(xs), torch.tensor(ys), [c.name for c in classes]
+
+
+def predict_folder(learner, support: str | Path, query: str | Path, out_csv: Path) -> list[dict]:
+    """Predict every query image; write and return rows (file, predicted class, score)."""
+    support, query = Path(support).expanduser(), Path(query).expanduser()
+    for name, folder in (("support", support), ("query", query)):
+        if not folder.is_dir():
+            raise ConfigError(f"{name}={folder} is not a folder")
+    support_x, support_y, names = read_support(support, learner.preprocess)
+    query_files = list_images(query)
+    if not query_files:
+        raise ConfigError(f"query={query} holds no images (.png, .jpg, ...)")
+    query_x = torch.stack([learner.preprocess(f) for f in query_files])
+    device = learner.device
+    with torch.no_grad():
+        logits = learner.predict(
+            to_float(support_x)[None].to(device),
+            support_y[None].to(device),
+            to_float(query_x)[None].to(device),
+            len(names),
+        )[0]  # [nq, way]
+    scores, labels = logits.float().softmax(-1).max(-1)
+    rows = [
+        {"query": f.name, "prediction": names[int(k)], "score": round(float(s), 6)}
+        for f, k, s in zip(query_files, labels, scores)
+    ]
+    with open(out_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["query", "prediction", "score"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
+
+
+def print_predictions(rows: list[dict], out_csv: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("query", "prediction", "score", title=f"predictions ({out_csv})")
+    for row in rows:
+        table.add_row(row["query"], row["prediction"], f"{row['score']:.3f}")
+    Console().print(table)

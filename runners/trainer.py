@@ -1,0 +1,207 @@
+"""The episodic loop: sample, step, log, validate, checkpoint; then test.
+
+It never branches on the algorithm: every learner is driven through
+`meta_train_step` and `predict`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.data.episodes import EpisodeSampler, FixedEpisodes
+from metarun.runners import checkpoint
+from metarun.runners.build import build_learner, build_stores
+from metarun.runners.evaluate import evaluate
+from metarun.runners.logging import Progress, RunLogger
+
+log = logging.getLogger("metarun")
+
+# settings a resumed run must share with its checkpoint (trainer.steps may grow)
+RESUME_MUST_MATCH = (
+    "algo",
+    "backbone",
+    "data",
+    "way",
+    "shot",
+    "query",
+    "seed",
+    "trainer.meta_batch",
+    "trainer.lr",
+)
+
+
+def eval_episodes(cfg: DictConfig, store, n: int, device, split: str) -> FixedEpisodes:
+    """The fixed episodes every algorithm is scored on, in the evaluation shape."""
+    e = cfg.eval
+    return FixedEpisodes(store, n, e.way, e.shot, e.query, seed=e.seed, device=device, split=split)
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path, device: torch.device):
+        self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        stores = build_stores(cfg.data)
+        # every shape check happens here, before the first step
+        self.sampler = EpisodeSampler(
+            stores["train"], cfg.way, cfg.shot, cfg.query, device, seed=cfg.seed, split="train"
+        )
+        self.val = eval_episodes(cfg, stores["val"], cfg.trainer.val_episodes, device, "val")
+        self.test_episodes = eval_episodes(cfg, stores["test"], cfg.eval.episodes, device, "test")
+        torch.manual_seed(cfg.seed)
+        self.learner = build_learner(cfg).to(device)
+        self.learner.set_precision(cfg.trainer.amp)
+        self.learner.configure_optimizer(cfg.trainer.lr)
+        self.step, self.best_val, self.best_step, self.elapsed = 0, -1.0, 0, 0.0
+        self.wandb_id = None
+
+    # -- checkpoints ------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "model": self.learner.state_dict(),
+            "optimizer": self.learner.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "step": self.step,
+            "best_val": self.best_val,
+            "best_step": self.best_step,
+            "elapsed": self.elapsed,
+            "wandb_id": self.wandb_id,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def restore(self, path: str | Path) -> None:
+        state = checkpoint.load(path)
+        check_compatible(self.cfg, OmegaConf.create(state["config"]), state["path"])
+        self.learner.load_state_dict(state["model"])
+        self.learner.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        checkpoint.set_rng_state(state["rng"])
+        self.step, self.best_val, self.best_step = (
+            state["step"],
+            state["best_val"],
+            state["best_step"],
+        )
+        self.elapsed, self.wandb_id = state["elapsed"], state.get("wandb_id")
+        log.info("resumed from %s at step %d", state["path"], self.step)
+
+    # -- the loop -----------------------------------------------------------------
+    def fit(self, resume_from: str | Path | None = None) -> dict:
+        if resume_from:
+            self.restore(resume_from)
+        tc = self.cfg.trainer
+        logger = RunLogger(
+            self.run_dir,
+            self.cfg,
+            resume_step=self.step if resume_from else None,
+            wandb_id=self.wandb_id,
+        )
+        self.wandb_id = logger.wandb_id
+        progress = Progress(tc.steps, start=self.step)
+        window, started = [], time.perf_counter() - self.elapsed
+        try:
+            while self.step < tc.steps:
+                window.append(self.learner.meta_train_step(self.sampler.sample(tc.meta_batch)))
+                self.step += 1
+                self.elapsed = time.perf_counter() - started
+                row = self.after_step(window, logger)
+                progress.update(self.step, row)
+            progress.close()
+            results = self.test(logger)
+        finally:
+            progress.close()
+            logger.finish()
+        return results
+
+    def after_step(self, window: list, logger: RunLogger) -> dict | None:
+        """Log, validate and checkpoint on their schedules; returns what was logged."""
+        tc, step = self.cfg.trainer, self.step
+        last = step == tc.steps
+        row = {}
+        if step % tc.log_every == 0 or last:
+            # one host sync per log interval: stack the window's scalars, then average
+            row = {
+                k: float(torch.stack([m[k].float().mean() for m in window]).mean())
+                for k in window[0]
+            }
+            row["seconds"] = round(self.elapsed, 3)
+            window.clear()
+        if step % tc.val_every == 0 or last:
+            val = evaluate(self.learner, self.val, self.cfg.eval.batch)
+            row.update(val_acc=val["acc"], val_ci95=val["ci95"])
+            if val["acc"] > self.best_val:
+                self.best_val, self.best_step = val["acc"], step
+                checkpoint.save_atomic(self.state(), self.ckpt_dir / "best.pt")
+        if step % tc.ckpt_every == 0 or last:
+            checkpoint.save_atomic(self.state(), self.ckpt_dir / "last.pt")
+        if row:
+            logger.log(step, row)
+        return row or None
+
+    def test(self, logger: RunLogger) -> dict:
+        """Score the best-validation weights on the fixed test episodes."""
+        best = checkpoint.load(self.ckpt_dir / "best.pt")
+        self.learner.load_state_dict(best["model"])
+        result = evaluate(self.learner, self.test_episodes, self.cfg.eval.batch)
+        results = results_record(
+            self.cfg,
+            result,
+            steps=self.step,
+            seconds=self.elapsed,
+            best_val_acc=self.best_val,
+            best_step=self.best_step,
+        )
+        write_results(self.run_dir, results)
+        logger.summary({"test_acc": results["test_acc"], "ci95": results["ci95"]})
+        return results
+
+
+def check_compatible(cfg: DictConfig, stored: DictConfig, path: str) -> None:
+    """A checkpoint only continues the run it came from."""
+    diffs = []
+    for key in RESUME_MUST_MATCH:
+        a, b = OmegaConf.select(stored, key), OmegaConf.select(cfg, key)
+        a = OmegaConf.to_container(a, resolve=True) if OmegaConf.is_config(a) else a
+        b = OmegaConf.to_container(b, resolve=True) if OmegaConf.is_config(b) else b
+        if a != b:
+            diffs.append(f"{key}: checkpoint {a!r} vs now {b!r}")
+    if diffs:
+        raise checkpoint.CheckpointError(
+            f"cannot resume from {path}: its config differs from this run's ({'; '.join(diffs)}). "
+            "Resume with the same overrides, or start a new run without resume=."
+        )
+
+
+def results_record(cfg: DictConfig, result: dict, **extra) -> dict:
+    return {
+        "test_acc": result["acc"],
+        "ci95": result["ci95"],
+        "episodes": result["episodes"],
+        "way": cfg.eval.way,
+        "shot": cfg.eval.shot,
+        "query": cfg.eval.query,
+        "algo": cfg.algo.name,
+        "data": cfg.data.name,
+        **extra,
+    }
+
+
+def write_results(run_dir: Path, results: dict) -> None:
+    path = Path(run_dir) / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(path)
+    log.info(
+        "test accuracy %.2f%% ± %.2f%% (95%% CI, %d episodes of %d-way %d-shot) -> %s",
+        100 * results["test_acc"],
+        100 * results["ci95"],
+        results["episodes"],
+        results["way"],
+        results["shot"],
+        path,
+    )
