@@ -6,11 +6,13 @@ Sampling is tensor indexing on the store's device with a seeded
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from functools import partial
 
 import torch
 
+from .augment import random_affine
 from .errors import ConfigError
 from .store import ClassStore, rotate
 
@@ -91,8 +93,17 @@ def sample_indices(
     return classes, keys.argsort(dim=-1)[..., :k]
 
 
-def gather(store: ClassStore, classes: torch.Tensor, samples: torch.Tensor, shot: int) -> Episodes:
-    """Turn index tensors into an Episodes batch (the support/query split)."""
+def gather(
+    store: ClassStore,
+    classes: torch.Tensor,
+    samples: torch.Tensor,
+    shot: int,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Episodes:
+    """Turn index tensors into an Episodes batch (the support/query split).
+
+    augment, if given, maps float images [N, C, H, W] to new ones (training only).
+    """
     n, way, k = samples.shape
     base, rot = classes % store.n_base, classes // store.n_base
     rows = store.offsets[base][..., None] + samples  # [n, way, k]
@@ -100,6 +111,8 @@ def gather(store: ClassStore, classes: torch.Tensor, samples: torch.Tensor, shot
     x = rotate(x, rot[..., None].expand(n, way, k), store.rotations)
     x = x.float().div_(255.0)
     shape = x.shape[3:]
+    if augment is not None:
+        x = augment(x.reshape(-1, *shape)).reshape(x.shape)
     labels = torch.arange(way, device=store.device)[None, :, None].expand(n, way, k)
     support_x = x[:, :, :shot].reshape(n, way * shot, *shape)
     query_x = x[:, :, shot:].reshape(n, way * (k - shot), *shape)
@@ -124,12 +137,16 @@ class EpisodeSampler:
         device: str | torch.device = "cpu",
         seed: int = 0,
         split: str = "",
+        augment: str | None = None,
     ):
         check_episode_shape(store, way, shot, query, split)
         self.store = store if store.device == torch.device(device) else store.to(device)
         self.way, self.shot, self.query = way, shot, query
         self.generator = torch.Generator(device=self.store.device).manual_seed(seed)
         self._s_max = int(store.counts.max())
+        if augment not in (None, "affine"):
+            raise ConfigError(f"unknown augmentation {augment!r}; use null or affine")
+        self.augment = partial(random_affine, generator=self.generator) if augment else None
 
     def sample(self, batch_size: int) -> Episodes:
         classes, samples = sample_indices(
@@ -141,7 +158,7 @@ class EpisodeSampler:
             self.generator,
             self._s_max,
         )
-        return gather(self.store, classes, samples, self.shot)
+        return gather(self.store, classes, samples, self.shot, self.augment)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

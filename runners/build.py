@@ -16,7 +16,7 @@ from metarun.data.images import Preprocess
 from metarun.data.store import ClassStore
 
 # keys of a data config that describe the images rather than configure the loader
-DATA_META_KEYS = ("name", "channels", "invert")
+DATA_META_KEYS = ("name", "channels", "invert", "augment")
 SPLITS = ("train", "val", "test")
 MODES = ("train", "test", "predict")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.data.episodes import EpisodeSampler, FixedEpisodes
+from metarun.data.errors import ConfigError
 from metarun.runners import checkpoint
 from metarun.runners.build import build_learner, build_stores
 from metarun.runners.evaluate import evaluate
@@ -57,6 +59,7 @@ class Trainer:
         self.learner = build_learner(cfg).to(device)
         self.learner.set_precision(cfg.trainer.amp)
         self.learner.configure_optimizer(cfg.trainer.lr)
+        self.schedule = lr_schedule(self.learner.optimizer, cfg.trainer.schedule, cfg.trainer.steps)
         self.step, self.best_val, self.best_step, self.elapsed = 0, -1.0, 0, 0.0
         self.wandb_id = None
 
@@ -65,6 +68,7 @@ class Trainer:
         return {
             "model": self.learner.state_dict(),
             "optimizer": self.learner.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": checkpoint.rng_state(),
             "step": self.step,
@@ -80,6 +84,7 @@ class Trainer:
         check_compatible(self.cfg, OmegaConf.create(state["config"]), state["path"])
         self.learner.load_state_dict(state["model"])
         self.learner.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
         self.step, self.best_val, self.best_step = (
@@ -107,6 +112,7 @@ class Trainer:
         try:
             while self.step < tc.steps:
                 window.append(self.learner.meta_train_step(self.sampler.sample(tc.meta_batch)))
+                self.schedule.step()
                 self.step += 1
                 self.elapsed = time.perf_counter() - started
                 row = self.after_step(window, logger)
@@ -129,6 +135,7 @@ class Trainer:
                 k: float(torch.stack([m[k].float().mean() for m in window]).mean())
                 for k in window[0]
             }
+            row["lr"] = self.schedule.get_last_lr()[0]
             row["seconds"] = round(self.elapsed, 3)
             window.clear()
         if step % tc.val_every == 0 or last:
@@ -159,6 +166,17 @@ class Trainer:
         write_results(self.run_dir, results)
         logger.summary({"test_acc": results["test_acc"], "ci95": results["ci95"]})
         return results
+
+
+def lr_schedule(optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """constant, or cosine decay from trainer.lr to 0 over trainer.steps."""
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+        )
+    raise ConfigError(f"trainer.schedule={kind!r}; choose constant or cosine")
 
 
 def check_compatible(cfg: DictConfig, stored: DictConfig, path: str) -> None:

@@ -1,0 +1,37 @@
+"""Train-time augmentation on batched image tensors (on the device, seeded)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def random_affine(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    degrees: float = 10.0,
+    translate: float = 0.1,
+    scale: tuple[float, float] = (0.9, 1.1),
+) -> torch.Tensor:
+    """Rotate, scale and shift each image by a small random amount.
+
+    x: float [N, C, H, W]. translate is a fraction of the image side.
+    One affine_grid + grid_sample over the whole batch; the draws come from
+    `generator`, so a seeded sampler stays reproducible.
+    """
+    n, dev = x.shape[0], x.device
+
+    def uniform(*shape, low=-1.0, high=1.0):
+        return low + (high - low) * torch.rand(*shape, generator=generator, device=dev)
+
+    angle = uniform(n) * math.radians(degrees)
+    inv_scale = 1.0 / uniform(n, low=scale[0], high=scale[1])
+    shift = uniform(n, 2) * 2 * translate  # grid coordinates span [-1, 1]
+    cos, sin = torch.cos(angle) * inv_scale, torch.sin(angle) * inv_scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], 1
+    )  # [N, 2, 3]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
