@@ -51,7 +51,14 @@ class Trainer:
         stores = build_stores(cfg.data)
         # every shape check happens here, before the first step
         self.sampler = EpisodeSampler(
-            stores["train"], cfg.way, cfg.shot, cfg.query, device, seed=cfg.seed, split="train"
+            stores["train"],
+            cfg.way,
+            cfg.shot,
+            cfg.query,
+            device,
+            seed=cfg.seed,
+            split="train",
+            augment=cfg.data.get("augment"),
         )
         self.val = eval_episodes(cfg, stores["val"], cfg.trainer.val_episodes, device, "val")
         self.test_episodes = eval_episodes(cfg, stores["test"], cfg.eval.episodes, device, "test")
