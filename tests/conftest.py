@@ -1,0 +1,82 @@
+"""Shared fixtures: an isolated decode cache, quiet wandb, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+OMNIGLOT_DIR = Path(
+    os.environ.get("METARUN_OMNIGLOT_DIR", REPO.parent / "shared" / "data" / "omniglot")
+)
+HAVE_OMNIGLOT = all((OMNIGLOT_DIR / f"images_background_small{i}.zip").is_file() for i in (1, 2))
+
+# small, fast settings for CLI runs on the synthetic data
+FAST = [
+    "logger=none",
+    "query=5",
+    "trainer.steps=40",
+    "trainer.meta_batch=2",
+    "trainer.val_every=20",
+    "trainer.val_episodes=20",
+    "trainer.log_every=10",
+    "eval.episodes=50",
+    "device=cpu",
+]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory):
+    """One decode cache per test session (never ~/.cache), and wandb off by default."""
+    cache = tmp_path_factory.mktemp("cache")
+    old = {k: os.environ.get(k) for k in ("METARUN_CACHE", "WANDB_MODE", "METARUN_DATA")}
+    os.environ["METARUN_CACHE"] = str(cache)
+    os.environ["WANDB_MODE"] = "disabled"
+    os.environ.pop("METARUN_DATA", None)
+    yield
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def run_cli(
+    *overrides: str, cwd: Path, env: dict | None = None, check: bool = True, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run `python -m metarun ...` in a subprocess, as a user would (env value None: unset)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    proc = subprocess.run(
+        [sys.executable, "-m", "metarun", *overrides],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"metarun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Run folders (those holding .hydra/) under an output root, oldest first."""
+    return sorted((p.parent for p in Path(root).glob("**/.hydra")), key=lambda p: p.stat().st_mtime)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One short ProtoNet run on synthetic data, shared by the tests that need a checkpoint."""
+    root = tmp_path_factory.mktemp("trained")
+    run_cli(*FAST, f"hydra.run.dir={root / 'run'}", cwd=root)
+    return root / "run"

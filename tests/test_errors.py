@@ -1,0 +1,84 @@
+"""Bad input fails before any training, with a message that names the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAST, run_cli
+
+
+def fails(tmp_path, *overrides, env=None):
+    proc = run_cli(
+        *FAST,
+        *overrides,
+        f"paths.output_root={tmp_path / 'out'}",
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not list((tmp_path / "out").glob("**/checkpoints/*.pt")), "training started anyway"
+    return proc.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["way=201"], "way=201 is larger than the 200 classes in the 'train' split"),
+        (["eval.way=51"], "way=51 is larger than the 50 classes in the 'val' split"),
+        (["shot=10", "query=11"], "shot+query=21"),
+        (["way=0"], "way must be a positive integer"),
+        (["trainer.steps=-5"], "trainer.steps must be a positive integer"),
+        (["mode=test"], "mode=test needs a checkpoint: add ckpt="),
+        (["mode=fly"], "mode='fly' is unknown"),
+        (["trainer.amp=fp8"], "trainer.amp='fp8'"),
+        (["data.augment=mixup"], "unknown augmentation 'mixup'"),
+    ],
+)
+def test_bad_settings_get_a_clear_message(tmp_path, overrides, message):
+    assert message in fails(tmp_path, *overrides)
+
+
+def test_unknown_algorithm_lists_the_choices(tmp_path):
+    stderr = fails(tmp_path, "algo=nosuchalgo")
+    assert "nosuchalgo" in stderr and "protonet" in stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_request_without_cuda(tmp_path):
+    assert "CUDA is not available here; use device=cpu" in fails(tmp_path, "device=cuda")
+
+
+def test_missing_omniglot_files_name_the_files_the_folder_and_the_url(tmp_path):
+    stderr = fails(
+        tmp_path, "data=omniglot_small", f"data.root={tmp_path / 'empty'}", "data.download=false"
+    )
+    assert "images_background_small1.zip" in stderr and str(tmp_path / "empty") in stderr
+    assert "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/" in stderr
+
+
+def test_corrupt_archive_is_named(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in (1, 2):
+        (root / f"images_background_small{i}.zip").write_bytes(b"not a zip at all")
+    stderr = fails(tmp_path, "data=omniglot_small", f"data.root={root}", "data.download=false")
+    assert "images_background_small1.zip is corrupt" in stderr
+
+
+def test_missing_or_corrupt_checkpoint(tmp_path):
+    assert "does not exist" in fails(tmp_path, "mode=test", f"ckpt={tmp_path / 'nope.pt'}")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00" * 100)
+    assert f"checkpoint {bad} is corrupt or truncated" in fails(
+        tmp_path, "mode=test", f"ckpt={bad}"
+    )
+
+
+def test_resume_with_other_settings_is_refused_and_keeps_the_checkpoint(trained_run, tmp_path):
+    last = trained_run / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    stderr = fails(tmp_path, "way=4", f"resume={last}")
+    assert "cannot resume from" in stderr and "way: checkpoint 5 vs now 4" in stderr
+    assert last.read_bytes() == before
