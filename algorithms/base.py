@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.data.episodes import Episodes
+from metarun.data.errors import ConfigError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,7 +66,7 @@ class MetaLearner(nn.Module):
 
     def set_precision(self, amp: str) -> None:
         if amp not in AMP_DTYPES:
-            raise ValueError(f"trainer.amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+            raise ConfigError(f"trainer.amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
         self.amp_dtype = AMP_DTYPES[amp]
         # fp16 gradients underflow without loss scaling; bf16 does not need it
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metarun.data.errors import ConfigError
+
 from .base import MetaLearner, infer_way
 
 
@@ -24,7 +26,7 @@ class ProtoNet(MetaLearner):
     def __init__(self, backbone: nn.Module, distance: str = "sqeuclidean"):
         super().__init__()
         if distance not in ("sqeuclidean", "cosine"):
-            raise ValueError(f"unknown distance {distance!r}; choose 'sqeuclidean' or 'cosine'")
+            raise ConfigError(f"unknown distance {distance!r}; choose 'sqeuclidean' or 'cosine'")
         self.backbone = backbone
         self.distance = distance
 

@@ -7,11 +7,12 @@ an algorithm's or data set's name.
 from __future__ import annotations
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.algorithms.base import MetaLearner
-from metarun.data.errors import ConfigError
+from metarun.data.errors import ConfigError, MetarunError
 from metarun.data.images import Preprocess
 from metarun.data.store import ClassStore
 
@@ -47,9 +48,19 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def instantiate_clean(node: dict, **kwargs):
+    """hydra's instantiate, but a user-facing error from the target comes out unwrapped."""
+    try:
+        return instantiate(node, **kwargs, _convert_="all")
+    except InstantiationException as err:
+        if isinstance(err.__cause__, MetarunError):
+            raise err.__cause__ from None
+        raise
+
+
 def build_store(data_cfg: DictConfig, split: str) -> ClassStore:
     """Decode (or load from the cache) one split of the configured data set."""
-    return instantiate(without(data_cfg, DATA_META_KEYS), split=split, _convert_="all")
+    return instantiate_clean(without(data_cfg, DATA_META_KEYS), split=split)
 
 
 def build_stores(data_cfg: DictConfig, splits=SPLITS) -> dict[str, ClassStore]:
@@ -63,8 +74,8 @@ def without(node: DictConfig, keys) -> dict:
 
 def build_learner(cfg: DictConfig) -> MetaLearner:
     """The configured algorithm around the configured backbone."""
-    backbone = instantiate(without(cfg.backbone, ("name",)))
-    return instantiate(without(cfg.algo, ("name",)), backbone=backbone, _convert_="all")
+    backbone = instantiate_clean(without(cfg.backbone, ("name",)))
+    return instantiate_clean(without(cfg.algo, ("name",)), backbone=backbone)
 
 
 def preprocess_of(data_cfg: DictConfig) -> Preprocess:

@@ -34,6 +34,8 @@ def fails(tmp_path, *overrides, env=None):
         (["mode=fly"], "mode='fly' is unknown"),
         (["trainer.amp=fp8"], "trainer.amp='fp8'"),
         (["data.augment=mixup"], "unknown augmentation 'mixup'"),
+        (["algo.distance=manhattan"], "unknown distance 'manhattan'"),
+        (["backbone.variant=fancy"], "unknown conv4 variant 'fancy'"),
     ],
 )
 def test_bad_settings_get_a_clear_message(tmp_path, overrides, message):
