@@ -81,16 +81,16 @@ def sample_indices(
     Returns global class ids [n, way] and sample ids [n, way, k] on that device.
     """
     dev, n_base = counts.device, len(counts)
-    # classes: the first `way` of a random permutation of all (rotated) classes
-    classes = torch.rand(n, n_base * rotations, generator=generator, device=dev).argsort(dim=1)[
-        :, :way
-    ]
+    # classes: the `way` largest of iid uniform keys = a uniform draw without replacement
+    # (topk, not a full argsort: ~5x cheaper for Omniglot's ~1000 classes)
+    keys = torch.rand(n, n_base * rotations, generator=generator, device=dev)
+    classes = keys.topk(way, dim=1).indices
     class_counts = counts[classes % n_base]  # [n, way]
     s_max = int(counts.max()) if s_max is None else s_max
-    # samples: per class, the first k of a random permutation of its own images
+    # samples: likewise k of each class's own images; slots past a class's count never win
     keys = torch.rand(n, way, s_max, generator=generator, device=dev)
-    keys = keys.masked_fill(torch.arange(s_max, device=dev) >= class_counts[..., None], 2.0)
-    return classes, keys.argsort(dim=-1)[..., :k]
+    keys = keys.masked_fill(torch.arange(s_max, device=dev) >= class_counts[..., None], -1.0)
+    return classes, keys.topk(k, dim=-1).indices
 
 
 def gather(
@@ -108,7 +108,7 @@ def gather(
     base, rot = classes % store.n_base, classes // store.n_base
     rows = store.offsets[base][..., None] + samples  # [n, way, k]
     x = store.images[rows]  # [n, way, k, C, H, W] uint8
-    x = rotate(x, rot[..., None].expand(n, way, k), store.rotations)
+    x = rotate(x, rot[..., None], store.rotations)  # one rotation per class, broadcast over k
     x = x.float().div_(255.0)
     shape = x.shape[3:]
     if augment is not None:

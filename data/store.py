@@ -9,6 +9,7 @@ rotation is applied to the sampled images only, never stored.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +33,8 @@ class ClassStore:
     def __post_init__(self) -> None:
         if self.rotations not in (1, 2, 4):
             raise ConfigError(f"rotations must be 1, 2 or 4, got {self.rotations}")
+        if self.rotations > 1 and self.images.shape[-1] != self.images.shape[-2]:
+            raise ConfigError(f"rotations need square images, got {tuple(self.images.shape[-2:])}")
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise ConfigError("ClassStore.images must be a uint8 tensor [N, C, H, W]")
 
@@ -101,23 +104,29 @@ class ClassStore:
 
 
 def rotate(images: torch.Tensor, rot: torch.Tensor, rotations: int) -> torch.Tensor:
-    """Rotate images [..., C, H, W] by rot[...] * (360 / rotations) degrees.
+    """Rotate square images [..., C, H, W] by rot[...] * (360 / rotations) degrees.
 
-    `rot` has the leading shape of `images`. Each rotation amount is one
-    masked `rot90` over the images that need it, so the cost is a few
-    whole-tensor ops, not a per-image loop.
+    `rot` holds one rotation per image and may broadcast over the trailing
+    leading dims (e.g. one per class for [tasks, way, samples, C, H, W]).
+    A rotation is a fixed permutation of pixel positions, so all images turn
+    in one `gather`: no per-image loop, no data-dependent shapes, no host sync.
     """
     if rotations == 1:
         return images
-    out = images.clone()
-    quarter_turns = 4 // rotations
-    for k in range(1, rotations):
-        mask = rot == k
-        # torch.where over the whole tensor: no data-dependent shapes, no host sync on CUDA
-        out = torch.where(
-            mask[(...,) + (None,) * 3], torch.rot90(images, k * quarter_turns, dims=(-2, -1)), out
-        )
-    return out
+    *lead, c, h, w = images.shape
+    perm = pixel_permutations(h, rotations, str(images.device))  # [rotations, H*W]
+    index = perm[rot][..., None, :].expand(*lead, c, h * w)  # a view: no per-image index copy
+    return images.reshape(*lead, c, h * w).gather(-1, index).view(*lead, c, h, w)
+
+
+@functools.lru_cache(maxsize=16)
+def pixel_permutations(side: int, rotations: int, device: str) -> torch.Tensor:
+    """perm[k] lists, for each output pixel, the input pixel of a k/rotations turn."""
+    grid = torch.arange(side * side).view(side, side)
+    turns = 4 // rotations
+    return torch.stack([torch.rot90(grid, k * turns).flatten() for k in range(rotations)]).to(
+        device
+    )
 
 
 # ---------------------------------------------------------------- disk cache

@@ -1,0 +1,122 @@
+"""Run every benchmark, print one markdown table and write the results as JSON.
+
+Run: python -m benchmarks.run_all [--device cpu] [--quick] [--out outputs/bench/results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import bench_protonet_step, bench_sampler
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "outputs" / "bench" / "results.json"  # outputs/ is git-ignored
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(device: torch.device) -> dict:
+    """What the numbers were measured on; only ratios carry over to other machines."""
+    info = {
+        "device": str(device),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        # other processes on the machine skew every figure; the ratios less so
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def busy_warning(load: float | None, cpus: int | None) -> str:
+    """A line saying whether other processes were already using the CPU when we started."""
+    if load is None or not cpus:
+        return "load average unknown: keep the machine idle while benchmarking"
+    if load < 0.5 * cpus:
+        return f"load average {load:.2f} on {cpus} CPUs at the start: machine quiet enough"
+    return (
+        f"WARNING: load average {load:.2f} on {cpus} CPUs at the start: other processes "
+        "compete for the cores, which slows torch's multi-threaded ops far more than the "
+        "single-threaded baselines; rerun on an idle machine before drawing conclusions"
+    )
+
+
+def table(records: list[dict]) -> str:
+    rows = [
+        "| benchmark | config | metarun | baseline | ratio | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows += [row(r) for r in records]
+    return "\n".join(rows)
+
+
+def row(r: dict) -> str:
+    met = "met" if r["met_target"] else "**missed**"
+    if r["benchmark"] == "sampler":
+        values = (
+            f"{r['metarun']:,.0f} episodes/s",
+            f"{r['baseline']:,.1f} episodes/s",
+            f"{r['ratio']:,.0f}x faster",
+            f"{r['x_vs_l2l_reference']:,.0f}x vs l2l ref {r['l2l_reference']:.0f}/s; "
+            f">= {r['target_episodes_per_s']:,.0f}/s: {met}",
+        )
+    else:
+        values = (
+            f"{r['metarun']:,.1f} ms/step",
+            f"{r['baseline']:,.1f} ms/step",
+            f"{r['ratio']:.3f} ({r['overhead']:+.1%})",
+            f"overhead <= {bench_protonet_step.TARGET_OVERHEAD:+.0%}: {met}",
+        )
+    return "| " + " | ".join((r["benchmark"], r["config"], *values)) + " |"
+
+
+def main() -> None:
+    parser = bench_sampler.add_arguments(
+        argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"JSON path ({DEFAULT_OUT})")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    load_before = machine(device)["load_avg_1m"]
+    start = time.perf_counter()
+    records = bench_sampler.run(args.device, args.quick, args.omniglot_root)
+    records += bench_protonet_step.run(args.device, args.quick)
+    seconds = time.perf_counter() - start
+
+    info = machine(device) | {"load_avg_1m_before": load_before}
+    print()
+    print(", ".join(f"{k}: {v}" for k, v in info.items()))
+    print(
+        f"total {seconds:.0f} s{' (--quick: smoke test, not a measurement)' if args.quick else ''}"
+    )
+    print()
+    print(busy_warning(load_before, info["cpu_count"]))
+    print(table(records))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {"machine": info, "quick": args.quick, "seconds": seconds, "results": records}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
