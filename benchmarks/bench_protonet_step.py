@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks.bench_sampler import interleaved
+from benchmarks.timing import interleaved
 from metarun.algorithms import ProtoNet, conv4
 from metarun.data import Episodes, EpisodeSampler
 from metarun.data.synthetic import synthetic

@@ -38,13 +38,13 @@ def override_keys() -> list[str]:
     return [o.split("=", 1)[0].lstrip("+~") for o in overrides()]
 
 
-def find_resumable(output_root: Path, wanted: list[str], exclude: Path) -> Path | None:
+def find_resumable(output_root: Path, wanted: list[str]) -> Path | None:
     """The newest run under output_root launched with the same overrides, with a last.pt."""
     best = None
     for file in Path(output_root).glob("**/.hydra/overrides.yaml"):
         run = file.parent.parent
         last = run / "checkpoints" / "last.pt"
-        if run == exclude or not last.exists():
+        if not last.exists():  # includes this job's own, brand-new folder
             continue
         if same_overrides(yaml.safe_load(file.read_text()) or [], wanted):
             if best is None or last.stat().st_mtime > best.stat().st_mtime:
@@ -63,7 +63,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     device = resolve_device(cfg.device)
     resume_from = None
     if cfg.get("resume") == "auto":
-        resume_from = find_resumable(Path(cfg.paths.output_root), overrides(), run_dir)
+        resume_from = find_resumable(Path(cfg.paths.output_root), overrides())
         if resume_from is None:
             log.info("resume=auto: no earlier run with these overrides; starting a new run")
     elif cfg.get("resume"):

@@ -124,7 +124,7 @@ class Trainer:
                 self.elapsed = time.perf_counter() - started
                 row = self.after_step(window, logger)
                 progress.update(self.step, row)
-            progress.close()
+            progress.close()  # before the test summary is printed
             results = self.test(logger)
         finally:
             progress.close()
