@@ -8,36 +8,39 @@ from torch import nn
 from metarun.data.errors import ConfigError
 
 
-def conv_block(c_in: int, c_out: int, variant: str) -> nn.Sequential:
-    """3x3 conv, batch norm, ReLU, then halve the resolution."""
+def conv_block(c_in: int, c_out: int, variant: str, pool: bool = True) -> nn.Sequential:
+    """3x3 conv, batch norm, ReLU, then (if pool) halve the resolution."""
     if variant == "maxpool":
-        return nn.Sequential(
+        layers = [
             nn.Conv2d(c_in, c_out, 3, padding=1),
             nn.BatchNorm2d(c_out),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-        )
+        ]
+        return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
     if variant == "strided":
         return nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, stride=2, padding=1),
+            nn.Conv2d(c_in, c_out, 3, stride=2 if pool else 1, padding=1),
             nn.BatchNorm2d(c_out),
             nn.ReLU(inplace=True),
         )
     raise ConfigError(f"unknown conv4 variant {variant!r}; choose 'maxpool' or 'strided'")
 
 
-def conv4_features(image_size: int, hidden: int, variant: str) -> int:
-    """Length of conv4's flattened output for square inputs of `image_size`."""
-    if variant == "strided":
-        return hidden  # mean-pooled over the remaining spatial positions
+def conv4_feature_shape(
+    image_size: int, hidden: int, variant: str, pooled_blocks: int, flatten: bool
+) -> tuple[int, ...]:
+    """Shape of conv4's output for one square input of `image_size`."""
     side = image_size
-    for _ in range(4):
-        side //= 2
+    for _ in range(pooled_blocks):
+        side = side // 2 if variant == "maxpool" else (side + 1) // 2
     if side < 1:
         raise ConfigError(
-            f"image_size={image_size} is too small for 4 max-pool blocks (needs >= 16)"
+            f"image_size={image_size} is too small for {pooled_blocks} halving blocks "
+            f"(needs >= {2**pooled_blocks})"
         )
-    return hidden * side * side
+    if variant == "strided" and flatten:
+        return (hidden,)  # mean-pooled over the remaining spatial positions
+    return (hidden * side * side,) if flatten else (hidden, side, side)
 
 
 def conv4(
@@ -47,6 +50,8 @@ def conv4(
     out_features: int | None = None,
     image_size: int = 28,
     channels_last: bool = True,
+    pooled_blocks: int = 4,
+    flatten: bool = True,
 ) -> nn.Sequential:
     """The 4-block convolutional backbone of the few-shot literature.
 
@@ -54,18 +59,32 @@ def conv4(
     2016; Snell et al. 2017). variant="strided": stride-2 convolutions and a
     spatial mean (Finn et al. 2017's Omniglot network, as in learn2learn's
     OmniglotCNN). out_features adds a linear classifier head.
+    pooled_blocks: how many of the 4 blocks halve the resolution (the first
+    ones); flatten=False returns feature maps instead of vectors (Relation
+    Networks use 2 pooled blocks and feature maps).
     channels_last stores weights and activations as NHWC, which the CPU
     (oneDNN) and GPU convolution kernels run faster (about 1.4x measured on a
     2-core CPU); the model and its parameters are unchanged.
-    Input [N, C, H, W] -> output [N, features] (or [N, out_features]).
+    Input [N, C, H, W] -> output [N, *net.feature_shape] (or [N, out_features]).
+    The returned module carries `feature_shape`, so heads can be sized.
     """
+    if not 0 <= pooled_blocks <= 4:
+        raise ConfigError(f"pooled_blocks must be between 0 and 4, got {pooled_blocks}")
+    shape = conv4_feature_shape(image_size, hidden, variant, pooled_blocks, flatten)
     layers = [ChannelsLast()] if channels_last else []
-    layers.append(conv_block(in_channels, hidden, variant))
-    layers += [conv_block(hidden, hidden, variant) for _ in range(3)]
-    layers.append(nn.Flatten() if variant == "maxpool" else MeanPool())
+    layers += [
+        conv_block(in_channels if i == 0 else hidden, hidden, variant, pool=i < pooled_blocks)
+        for i in range(4)
+    ]
+    if flatten:
+        layers.append(nn.Flatten() if variant == "maxpool" else MeanPool())
     if out_features:
-        layers.append(nn.Linear(conv4_features(image_size, hidden, variant), out_features))
+        if not flatten:
+            raise ConfigError("backbone.out_features needs backbone.flatten=true")
+        layers.append(nn.Linear(shape[0], out_features))
+        shape = (out_features,)
     net = nn.Sequential(*layers)
+    net.feature_shape = shape
     return net.to(memory_format=torch.channels_last) if channels_last else net
 
 

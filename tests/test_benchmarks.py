@@ -13,8 +13,13 @@ from conftest import REPO
 @pytest.mark.slow
 def test_bench_quick_runs_and_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(out)],
-                   cwd=REPO, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.run_all", "--quick", "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     records = json.loads(out.read_text())["results"]
     assert [r["benchmark"] for r in records] == ["sampler"] * 2 + ["protonet_step"] * 2
     assert all(r["metarun"] > 0 and r["baseline"] > 0 for r in records)
