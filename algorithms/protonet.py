@@ -35,8 +35,8 @@ class ProtoNet(MetaLearner):
         b, n_support, n_query = support_x.shape[0], support_x.shape[1], query_x.shape[1]
         # one backbone call for every image of every task: [B*(ns+nq), C, H, W] -> [B*(ns+nq), D]
         z = self.backbone(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)]))
-        z_support = z[: b * n_support].view(b, n_support, -1)  # [B, ns, D]
-        z_query = z[b * n_support :].view(b, n_query, -1)  # [B, nq, D]
+        z_support = z[: b * n_support].reshape(b, n_support, -1)  # [B, ns, D]
+        z_query = z[b * n_support :].reshape(b, n_query, -1)  # [B, nq, D]
         return -self.distances(z_query, prototypes(z_support, support_y, way))
 
     def distances(self, z_query: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:

@@ -59,3 +59,11 @@ def test_mean_ci95_matches_the_textbook_formula():
     mean, ci = mean_ci95(values)
     assert mean == pytest.approx(0.675)
     assert ci == pytest.approx(1.96 * values.std(unbiased=True).item() / 2)
+
+
+def test_protonet_accepts_feature_map_backbones():
+    """Channels-last feature maps [N, C, h, w] are flattened into prototypes too."""
+    learner = ProtoNet(conv4(hidden=8, pooled_blocks=2, flatten=False)).eval()
+    support_y = torch.arange(3).repeat_interleave(2)[None].expand(2, -1)
+    logits = learner.predict(torch.rand(2, 6, 1, 28, 28), support_y, torch.rand(2, 4, 1, 28, 28), 3)
+    assert logits.shape == (2, 4, 3)
