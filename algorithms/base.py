@@ -40,6 +40,10 @@ class MetaLearner(nn.Module):
         """Adapt to each task's support set, return query logits [B, n_query, way]."""
         raise NotImplementedError
 
+    def confidence(self, logits: torch.Tensor) -> torch.Tensor:
+        """Per-class confidence in [0, 1] from predict's output (for mode=predict): softmax."""
+        return logits.float().softmax(-1)
+
     def loss(self, logits: torch.Tensor, query_y: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over all queries of all tasks."""
         return F.cross_entropy(logits.flatten(0, 1).float(), query_y.flatten())

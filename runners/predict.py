@@ -50,7 +50,7 @@ def predict_folder(learner, support: str | Path, query: str | Path, out_csv: Pat
             to_float(query_x)[None].to(device),
             len(names),
         )[0]  # [nq, way]
-    scores, labels = logits.float().softmax(-1).max(-1)
+    scores, labels = learner.confidence(logits).max(-1)
     rows = [
         {"query": f.name, "prediction": names[int(k)], "score": round(float(s), 6)}
         for f, k, s in zip(query_files, labels, scores)
