@@ -2,6 +2,9 @@
 
 from .backbones import conv4
 from .base import MetaLearner
+from .matching import MatchingNet
 from .protonet import ProtoNet
+from .relation import RelationNet
+from .siamese import Siamese
 
-__all__ = ["MetaLearner", "ProtoNet", "conv4"]
+__all__ = ["MatchingNet", "MetaLearner", "ProtoNet", "RelationNet", "Siamese", "conv4"]
