@@ -100,6 +100,23 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == y).float().mean(-1).detach()
 
 
+def embed_tasks(
+    backbone: nn.Module, support_x: torch.Tensor, query_x: torch.Tensor, flatten: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed every image of every task in one backbone call.
+
+    [B, ns, C, H, W] and [B, nq, C, H, W] -> [B, ns, D] and [B, nq, D] (flatten=True: feature
+    maps become vectors) or [B, ns, *S] and [B, nq, *S] (flatten=False: the backbone's shape).
+    """
+    b, n_support, n_query = support_x.shape[0], support_x.shape[1], query_x.shape[1]
+    z = backbone(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)]))  # [B*(ns+nq), *S]
+    if flatten:
+        z = z.flatten(1)
+    return z[: b * n_support].unflatten(0, (b, n_support)), z[b * n_support :].unflatten(
+        0, (b, n_query)
+    )
+
+
 def infer_way(support_y: torch.Tensor, way: int | None) -> int:
     """`way` when given; else from the labels (a host sync, so callers pass it)."""
     return int(support_y.max()) + 1 if way is None else way

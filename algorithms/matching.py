@@ -10,7 +10,7 @@ from torch import nn
 
 from metarun.data.errors import ConfigError
 
-from .base import MetaLearner, infer_way
+from .base import MetaLearner, embed_tasks, infer_way
 
 
 class MatchingNet(MetaLearner):
@@ -85,12 +85,7 @@ class MatchingNet(MetaLearner):
 
     def embed(self, support_x, query_x) -> tuple[torch.Tensor, torch.Tensor]:
         """One backbone call for every image of every task, feature maps flattened."""
-        b, n_support, n_query = support_x.shape[0], support_x.shape[1], query_x.shape[1]
-        # [B*(ns+nq), C, H, W] -> [B*(ns+nq), D]
-        z = self.backbone(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)])).flatten(1)
-        z_support = z[: b * n_support].reshape(b, n_support, -1)  # [B, ns, D]
-        z_query = z[b * n_support :].reshape(b, n_query, -1)  # [B, nq, D]
-        return z_support, z_query
+        return embed_tasks(self.backbone, support_x, query_x)  # [B, ns, D], [B, nq, D]
 
     def support_context(self, g: torch.Tensor) -> torch.Tensor:
         """g(x_i, S) = g'(x_i) + forward + backward BiLSTM states: [B, ns, D] -> [B, ns, D]."""

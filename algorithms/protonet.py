@@ -8,7 +8,7 @@ from torch import nn
 
 from metarun.data.errors import ConfigError
 
-from .base import MetaLearner, infer_way
+from .base import MetaLearner, embed_tasks, infer_way
 
 
 class ProtoNet(MetaLearner):
@@ -32,11 +32,7 @@ class ProtoNet(MetaLearner):
 
     def predict(self, support_x, support_y, query_x, way=None):
         way = infer_way(support_y, way)
-        b, n_support, n_query = support_x.shape[0], support_x.shape[1], query_x.shape[1]
-        # one backbone call for every image of every task: [B*(ns+nq), C, H, W] -> [B*(ns+nq), D]
-        z = self.backbone(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)]))
-        z_support = z[: b * n_support].reshape(b, n_support, -1)  # [B, ns, D]
-        z_query = z[b * n_support :].reshape(b, n_query, -1)  # [B, nq, D]
+        z_support, z_query = embed_tasks(self.backbone, support_x, query_x)  # [B, ns|nq, D]
         return -self.distances(z_query, prototypes(z_support, support_y, way))
 
     def distances(self, z_query: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:

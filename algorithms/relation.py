@@ -8,7 +8,7 @@ from torch import nn
 
 from metarun.data.errors import ConfigError
 
-from .base import MetaLearner, infer_way
+from .base import MetaLearner, embed_tasks, infer_way
 
 
 class RelationNet(MetaLearner):
@@ -63,11 +63,8 @@ class RelationNet(MetaLearner):
 
     def predict(self, support_x, support_y, query_x, way=None):
         way = infer_way(support_y, way)
-        b, n_support, n_query = support_x.shape[0], support_x.shape[1], query_x.shape[1]
-        # one backbone call for every image of every task: [B*(ns+nq), C, H, W] -> [B*(ns+nq), *S]
-        z = self.backbone(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)]))
-        z_support = z[: b * n_support].unflatten(0, (b, n_support))  # [B, ns, *S]
-        z_query = z[b * n_support :].unflatten(0, (b, n_query))  # [B, nq, *S]
+        b, n_query = query_x.shape[0], query_x.shape[1]
+        z_support, z_query = embed_tasks(self.backbone, support_x, query_x, flatten=False)
         pairs = pair_up(class_sums(z_support, support_y, way), z_query)  # [B, nq, way, 2C, ...]
         scores = self.relation(pairs.flatten(0, 2))  # [B*nq*way, 1]
         return scores.view(b, n_query, way)

@@ -11,7 +11,7 @@ from torch import nn
 from metarun.data.episodes import Episodes
 from metarun.data.errors import ConfigError
 
-from .base import MetaLearner, infer_way
+from .base import MetaLearner, embed_tasks, infer_way
 
 # The paper's distortion ranges (Koch et al. 2015, Sec. 4): rotation in degrees, shear,
 # scale, and translation of +-2 pixels on 105x105 images, here a fraction of the side.
@@ -89,11 +89,7 @@ class Siamese(MetaLearner):
 
     def predict(self, support_x, support_y, query_x, way=None):
         way = infer_way(support_y, way)
-        b, n_support, n_query = support_x.shape[0], support_x.shape[1], query_x.shape[1]
-        # one backbone call for every image of every task: [B*(ns+nq), C, H, W] -> [B*(ns+nq), D]
-        h = self.encode(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)]))
-        h_support = h[: b * n_support].view(b, n_support, -1)  # [B, ns, D]
-        h_query = h[b * n_support :].view(b, n_query, -1)  # [B, nq, D]
+        h_support, h_query = embed_tasks(self.backbone, support_x, query_x)  # [B, ns|nq, D]
         # every query against every support example: [B, nq, 1, D] vs [B, 1, ns, D] -> [B, nq, ns]
         scores = self.similarity(h_query[:, :, None], h_support[:, None])
         return class_means(scores, support_y, way)
