@@ -117,6 +117,17 @@ def embed_tasks(
     )
 
 
+def feature_shape(backbone: nn.Module, learner: str) -> tuple[int, ...]:
+    """The per-image output shape a backbone announces, for learners that size layers by it."""
+    shape = getattr(backbone, "feature_shape", None)
+    if shape is None:
+        raise ConfigError(
+            f"{learner} sizes its layers from backbone.feature_shape, which this backbone lacks; "
+            "use a backbone from metarun.algorithms.backbones (e.g. backbone=conv4)"
+        )
+    return tuple(shape)
+
+
 def infer_way(support_y: torch.Tensor, way: int | None) -> int:
     """`way` when given; else from the labels (a host sync, so callers pass it)."""
     return int(support_y.max()) + 1 if way is None else way

@@ -10,7 +10,7 @@ from torch import nn
 
 from metarun.data.errors import ConfigError
 
-from .base import MetaLearner, embed_tasks, infer_way
+from .base import MetaLearner, embed_tasks, feature_shape, infer_way
 
 
 class MatchingNet(MetaLearner):
@@ -125,10 +125,4 @@ def feature_dim(backbone: nn.Module, fce_steps: int) -> int:
     """D, the flattened embedding size the FCE LSTMs are built for."""
     if not isinstance(fce_steps, int) or isinstance(fce_steps, bool) or fce_steps < 1:
         raise ConfigError(f"algo.fce_steps must be a positive integer, got {fce_steps!r}")
-    shape = getattr(backbone, "feature_shape", None)
-    if shape is None:
-        raise ConfigError(
-            "fce=true needs a backbone with a `feature_shape` attribute (e.g. conv4) "
-            "to size its LSTMs; use such a backbone or fce=false"
-        )
-    return math.prod(shape)
+    return math.prod(feature_shape(backbone, "fce=true (its LSTMs)"))

@@ -8,7 +8,7 @@ from torch import nn
 
 from metarun.data.errors import ConfigError
 
-from .base import MetaLearner, embed_tasks, infer_way
+from .base import MetaLearner, embed_tasks, feature_shape, infer_way
 
 
 class RelationNet(MetaLearner):
@@ -52,14 +52,9 @@ class RelationNet(MetaLearner):
 
     def __init__(self, backbone: nn.Module, hidden: int = 64, fc_hidden: int = 8, padding: int = 1):
         super().__init__()
-        shape = getattr(backbone, "feature_shape", None)
-        if shape is None:
-            raise ConfigError(
-                "the relation learner needs a backbone with a `feature_shape` attribute "
-                "(conv4 has one); use backbone=conv4_relation or backbone=conv4"
-            )
+        shape = feature_shape(backbone, "the relation learner")
         self.backbone = backbone
-        self.relation = relation_module(tuple(shape), hidden, fc_hidden, padding)
+        self.relation = relation_module(shape, hidden, fc_hidden, padding)
 
     def predict(self, support_x, support_y, query_x, way=None):
         way = infer_way(support_y, way)

@@ -11,7 +11,7 @@ from torch import nn
 from metarun.data.episodes import Episodes
 from metarun.data.errors import ConfigError
 
-from .base import MetaLearner, embed_tasks, infer_way
+from .base import MetaLearner, embed_tasks, feature_shape, infer_way
 
 # The paper's distortion ranges (Koch et al. 2015, Sec. 4): rotation in degrees, shear,
 # scale, and translation of +-2 pixels on 105x105 images, here a fraction of the side.
@@ -61,12 +61,7 @@ class Siamese(MetaLearner):
 
     def __init__(self, backbone: nn.Module, pairs_per_task: int = 32, augment: bool = False):
         super().__init__()
-        shape = getattr(backbone, "feature_shape", None)
-        if shape is None:
-            raise ConfigError(
-                "the Siamese head is sized from backbone.feature_shape; "
-                "use a backbone from metarun.algorithms.backbones (e.g. conv4)"
-            )
+        shape = feature_shape(backbone, "the Siamese head")
         if isinstance(pairs_per_task, bool) or not isinstance(pairs_per_task, int):
             raise ConfigError(f"algo.pairs_per_task must be an integer, got {pairs_per_task!r}")
         if pairs_per_task < 2:
