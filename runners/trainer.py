@@ -145,14 +145,19 @@ class Trainer:
             row["lr"] = self.schedule.get_last_lr()[0]
             row["seconds"] = round(self.elapsed, 3)
             window.clear()
+        save_best = False
         if step % tc.val_every == 0 or last:
             val = evaluate(self.learner, self.val, self.cfg.eval.batch)
             row.update(val_acc=val["acc"], val_ci95=val["ci95"])
             if val["acc"] > self.best_val:
-                self.best_val, self.best_step = val["acc"], step
-                checkpoint.save_atomic(self.state(), self.ckpt_dir / "best.pt")
-        if step % tc.ckpt_every == 0 or last:
-            checkpoint.save_atomic(self.state(), self.ckpt_dir / "last.pt")
+                self.best_val, self.best_step, save_best = val["acc"], step, True
+        save_last = step % tc.ckpt_every == 0 or last
+        if save_best or save_last:
+            state = self.state()  # gathered once, after best_val is updated, for both files
+            if save_best:
+                checkpoint.save_atomic(state, self.ckpt_dir / "best.pt")
+            if save_last:
+                checkpoint.save_atomic(state, self.ckpt_dir / "last.pt")
         if row:
             logger.log(step, row)
         return row or None
