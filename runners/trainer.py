@@ -66,7 +66,14 @@ class Trainer:
         self.learner = build_learner(cfg).to(device)
         self.learner.set_precision(cfg.trainer.amp)
         self.learner.configure_optimizer(cfg.trainer.lr)
-        self.schedule = lr_schedule(self.learner.optimizer, cfg.trainer.schedule, cfg.trainer.steps)
+        tc = cfg.trainer
+        self.schedule = lr_schedule(
+            self.learner.optimizer,
+            tc.schedule,
+            tc.steps,
+            tc.get("decay_every"),
+            tc.get("decay_factor", 0.5),
+        )
         self.step, self.best_val, self.best_step, self.elapsed = 0, -1.0, 0, 0.0
         self.wandb_id = None
 
@@ -180,15 +187,31 @@ class Trainer:
         return results
 
 
-def lr_schedule(optimizer, kind: str, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """constant, or cosine decay from trainer.lr to 0 over trainer.steps."""
+def lr_schedule(
+    optimizer, kind: str, steps: int, decay_every: int | None = None, decay_factor: float = 0.5
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """constant; cosine decay from trainer.lr to 0 over trainer.steps; or step decay,
+    trainer.lr times decay_factor after every decay_every steps."""
     if kind == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if kind == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
         )
-    raise ConfigError(f"trainer.schedule={kind!r}; choose constant or cosine")
+    if kind == "step":
+        if isinstance(decay_every, bool) or not isinstance(decay_every, int) or decay_every < 1:
+            raise ConfigError(
+                f"trainer.schedule=step needs trainer.decay_every, a positive number of steps, "
+                f"got {decay_every!r}; e.g. trainer.decay_every=100000 trainer.decay_factor=0.5"
+            )
+        if not 0 < decay_factor <= 1:
+            raise ConfigError(
+                f"trainer.decay_factor={decay_factor!r} must be in (0, 1]; e.g. 0.5 halves the lr"
+            )
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: decay_factor ** (step // decay_every)
+        )
+    raise ConfigError(f"trainer.schedule={kind!r}; choose constant, cosine or step")
 
 
 def check_compatible(cfg: DictConfig, stored: DictConfig, path: str) -> None:
