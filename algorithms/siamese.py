@@ -41,21 +41,24 @@ class Siamese(MetaLearner):
       learning rates, a per-layer momentum schedule, per-layer L2 weight decay
       and 1% learning-rate decay per epoch.
     - Pairs are drawn online from the meta-training episodes rather than from a
-      fixed set of 30k-150k pairs: for each task of the meta-batch, its support
-      and query images together (labels shared within a task) give
-      `pairs_per_task` pairs; the first half are same-class (a uniform image,
-      and a uniform other image of its class), the rest different-class (a
-      uniform image, and a uniform image of another class of the same task).
-      The draws use torch's global RNG on the episodes' device, so checkpoints
-      capture it. Training needs way >= 2.
+      fixed set of 30k-150k pairs. Each step puts every image of the episodes
+      (support and query, labels shared within a task) through the encoder
+      once, then draws `pairs_per_task` pairs per task among them: the first
+      half same-class (a uniform image, and a uniform other image of its
+      class), the rest different-class (a uniform image, and a uniform image of
+      another class of the same task). An image can be in several pairs, so
+      many pairs cost little more than one. The draws use torch's global RNG
+      on the episodes' device, so checkpoints capture it. Training needs
+      way >= 2.
     - augment=True applies the paper's affine distortions (each of rotation,
       two shears, two scales, two translations kept with probability 0.5) to
-      every pair image, drawn afresh each step, instead of 8 precomputed
-      distortions per pair; translation is scaled to the image side.
+      every image, drawn afresh each step (one distortion per image per step,
+      shared by the pairs it is in), instead of 8 precomputed distortions per
+      pair; translation is scaled to the image side.
     - K-shot (an extension; the paper is one-shot only): a class's logit is
       the mean of the similarity logits to its shots. For one shot this is the
       paper's rule (argmax of p over the support set).
-    - Batch norm in the backbone sees both images of every pair in one batch
+    - Batch norm in the backbone sees all the episodes' images in one batch
       when training, and support with query when predicting in train mode.
     """
 
@@ -90,19 +93,24 @@ class Siamese(MetaLearner):
         return class_means(scores, support_y, way)
 
     def meta_train_step(self, episodes: Episodes) -> dict[str, torch.Tensor]:
-        """One verification step on pairs drawn from the episodes' images."""
+        """One verification step on pairs drawn among the episodes' images."""
         self.train()
-        first, second, same = sample_pairs(episodes, self.pairs_per_task)
+        check_way(episodes)
+        x = torch.cat([episodes.support_x, episodes.query_x], 1)  # [B, n, C, H, W]
+        y = torch.cat([episodes.support_y, episodes.query_y], 1)  # [B, n]
+        first, second, same = pair_indices(y, self.pairs_per_task)  # [B, P], [B, P], [P]
+        images = x.flatten(0, 1)
         if self.augment:
-            first, second = distort(first), distort(second)
+            images = distort(images)
         with self.autocast():
-            # both sides of every pair in one backbone call: [2*B*P, C, H, W] -> [2*B*P, D]
-            h = self.encode(torch.cat([first, second]))
-            h_first, h_second = h.chunk(2)
-            logits = self.similarity(h_first, h_second)  # [B*P]
-            loss = F.binary_cross_entropy_with_logits(logits.float(), same)
+            # every image once through the encoder, then any number of pairs among them
+            h = self.encode(images).unflatten(0, y.shape)  # [B, n, D]
+            rows = torch.arange(y.shape[0], device=y.device)[:, None]
+            logits = self.similarity(h[rows, first], h[rows, second]).flatten()  # [B*P]
+            targets = same.to(torch.float32).expand(y.shape[0], -1).flatten()
+            loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
         self.optimizer_step(loss)
-        correct = ((logits.detach() > 0) == (same > 0.5)).float()
+        correct = ((logits.detach() > 0) == (targets > 0.5)).float()
         return {"loss": loss.detach(), "acc": correct.view(episodes.batch_size, -1).mean(1)}
 
 
@@ -112,18 +120,19 @@ def class_means(scores: torch.Tensor, support_y: torch.Tensor, way: int) -> torc
     return (scores @ onehot) / onehot.sum(1)[:, None]
 
 
-def sample_pairs(episodes: Episodes, pairs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same- and different-class image pairs from each task's support and query images.
-
-    Returns the first and second images [B*pairs, C, H, W] and targets [B*pairs]
-    (1.0 same class, 0.0 different); per task, the first ceil(pairs/2) are same-class.
-    """
+def check_way(episodes: Episodes) -> None:
     if episodes.way < 2:
         raise ConfigError(
             "Siamese training needs way >= 2 to draw different-class pairs; set way=5"
         )
-    x = torch.cat([episodes.support_x, episodes.query_x], 1)  # [B, n, C, H, W]
-    y = torch.cat([episodes.support_y, episodes.query_y], 1)  # [B, n]
+
+
+def pair_indices(y: torch.Tensor, pairs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Indices of same- and different-class pairs within each task's images.
+
+    y [B, n] are the labels of each task's images. Returns first, second [B, pairs] (indices
+    into n) and same [pairs] (bool); per task, the first ceil(pairs/2) pairs are same-class.
+    """
     (b, n), dev = y.shape, y.device
     same = torch.arange(pairs, device=dev) < (pairs + 1) // 2  # [P]
     first = torch.randint(n, (b, pairs), device=dev)  # [B, P]
@@ -133,9 +142,18 @@ def sample_pairs(episodes: Episodes, pairs: int) -> tuple[torch.Tensor, torch.Te
     # the largest of iid uniform keys over the allowed images = a uniform draw among them
     # (every class has shot + query >= 2 images, so a same-class partner always exists)
     keys = torch.rand(b, pairs, n, device=dev).masked_fill(~allowed, -1.0)
-    second = keys.argmax(-1)  # [B, P]
-    rows = torch.arange(b, device=dev)[:, None]
-    targets = same.to(x.dtype).expand(b, -1).flatten()
+    return first, keys.argmax(-1), same
+
+
+def sample_pairs(episodes: Episodes, pairs: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pair images themselves: first and second [B*pairs, C, H, W] and targets [B*pairs]
+    (1.0 same class, 0.0 different), drawn as in `pair_indices`."""
+    check_way(episodes)
+    x = torch.cat([episodes.support_x, episodes.query_x], 1)  # [B, n, C, H, W]
+    y = torch.cat([episodes.support_y, episodes.query_y], 1)  # [B, n]
+    first, second, same = pair_indices(y, pairs)
+    rows = torch.arange(y.shape[0], device=y.device)[:, None]
+    targets = same.to(x.dtype).expand(y.shape[0], -1).flatten()
     return x[rows, first].flatten(0, 1), x[rows, second].flatten(0, 1), targets
 
 
