@@ -29,6 +29,11 @@ class RelationNet(MetaLearner):
     `fc_hidden` (8) with ReLU, FC to 1, sigmoid. The first FC is sized from
     `backbone.feature_shape`.
 
+    The relation module's first convolution acts on the concatenation
+    [class, query], so it is split into a class part and a query part computed
+    once each and added per pair (`first_layer_of_pairs`): the same function
+    and parameters, without the per-pair concatenation.
+
     Departures from the paper:
     - Convolution padding: `padding=1` (default) in the relation module, as
       the authors' Omniglot code does (7x7 -> 3x3 -> 1x1 here); the authors'
@@ -60,8 +65,9 @@ class RelationNet(MetaLearner):
         way = infer_way(support_y, way)
         b, n_query = query_x.shape[0], query_x.shape[1]
         z_support, z_query = embed_tasks(self.backbone, support_x, query_x, flatten=False)
-        pairs = pair_up(class_sums(z_support, support_y, way), z_query)  # [B, nq, way, 2C, ...]
-        scores = self.relation(pairs.flatten(0, 2))  # [B*nq*way, 1]
+        z_class = class_sums(z_support, support_y, way)  # [B, way, *S]
+        first = first_layer_of_pairs(self.relation[0], z_class, z_query)  # [B*nq*way, hidden, ...]
+        scores = self.relation[1:](first)  # [B*nq*way, 1]
         return scores.view(b, n_query, way)
 
     def confidence(self, logits: torch.Tensor) -> torch.Tensor:
@@ -82,6 +88,37 @@ def class_sums(z_support: torch.Tensor, support_y: torch.Tensor, way: int) -> to
     onehot = F.one_hot(support_y, way).to(z_support.dtype)  # [B, ns, way]
     sums = onehot.transpose(1, 2) @ z_support.flatten(2)  # [B, way, prod(S)]
     return sums.unflatten(2, z_support.shape[2:])
+
+
+def first_layer_of_pairs(layer: nn.Module, z_class: torch.Tensor, z_query: torch.Tensor):
+    """The relation module's first layer on every (query, class) pair, without building pairs.
+
+    That layer begins with a convolution (or, for vectors, a linear map) of the
+    concatenation [class, query], which is linear in it: W [c; q] + b = W_c c + b + W_q q.
+    So it runs once per class and once per query and the two are broadcast-added for
+    every pair, instead of once per pair on a concatenated copy: the same function and
+    parameters as `layer(pair_up(z_class, z_query))`, with far fewer operations and no
+    [B, nq, way, 2C, ...] tensor. Returns [B*nq*way, ...], the input of the next layer.
+    """
+    b, way, n_query, c = z_class.shape[0], z_class.shape[1], z_query.shape[1], z_class.shape[2]
+    if isinstance(layer, nn.Linear):  # flat features: the MLP's first layer alone
+        op, rest = layer, []
+    else:  # relation_block: conv, batch norm, ReLU, max-pool
+        op, rest = layer[0], list(layer[1:])
+    w_class, w_query = op.weight[:, :c], op.weight[:, c:]
+    if isinstance(op, nn.Conv2d):
+        kw = {"stride": op.stride, "padding": op.padding}
+        from_class = F.conv2d(z_class.flatten(0, 1), w_class, op.bias, **kw)
+        from_query = F.conv2d(z_query.flatten(0, 1), w_query, None, **kw)
+    else:
+        from_class = F.linear(z_class.flatten(0, 1), w_class, op.bias)
+        from_query = F.linear(z_query.flatten(0, 1), w_query)
+    rest_shape = from_class.shape[1:]
+    pre = from_class.view(b, 1, way, *rest_shape) + from_query.view(b, n_query, 1, *rest_shape)
+    out = pre.flatten(0, 2)  # [B*nq*way, hidden, ...]
+    for module in rest:
+        out = module(out)
+    return out
 
 
 def pair_up(z_class: torch.Tensor, z_query: torch.Tensor) -> torch.Tensor:

@@ -128,3 +128,24 @@ def test_builds_from_config_with_the_papers_embedding_module():
     support_x, support_y, query_x = tasks(1, 5, 1, 1)
     scores = learner.eval().predict(support_x, support_y, query_x, 5)
     assert scores.shape == (1, 5, 5)
+
+
+@pytest.mark.parametrize("kind", BACKBONES)
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_split_first_layer_equals_the_module_on_concatenated_pairs(kind, mode):
+    """predict never builds the [class; query] pairs; the scores must be the same as if it did."""
+    torch.manual_seed(0)
+    learner = RelationNet(BACKBONES[kind]()).double()
+    getattr(learner, mode)()
+    support_x, support_y, query_x = (
+        t.double() if t.is_floating_point() else t for t in tasks(2, 4, 2, 3)
+    )
+    scores = learner.predict(support_x, support_y, query_x, 4)
+    z_support = learner.backbone(support_x.flatten(0, 1)).unflatten(0, (2, 8))
+    z_query = learner.backbone(query_x.flatten(0, 1)).unflatten(0, (2, 12))
+    if mode == "train":  # batch norm statistics must cover the same batch as in predict
+        z = learner.backbone(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)]))
+        z_support, z_query = z[:16].unflatten(0, (2, 8)), z[16:].unflatten(0, (2, 12))
+    pairs = pair_up(class_sums(z_support, support_y, 4), z_query)  # [2, 12, 4, 2C, ...]
+    expected = learner.relation(pairs.flatten(0, 2)).view(2, 12, 4)
+    torch.testing.assert_close(scores, expected)
