@@ -100,3 +100,44 @@ class MeanPool(nn.Module):
 
     def forward(self, x):
         return x.mean(dim=(-2, -1))
+
+
+# (filters, kernel) of the four convolutions of Koch et al. (2015), Fig. 4
+KOCH_CONVS = ((64, 10), (128, 7), (128, 4), (256, 4))
+
+
+def koch_siamese(
+    in_channels: int = 1, image_size: int = 105, features: int = 4096, channels_last: bool = True
+) -> nn.Sequential:
+    """The twin encoder of Koch, Zemel, Salakhutdinov (2015) for 105x105 images.
+
+    conv 64@10x10, ReLU, max-pool; conv 128@7x7, ReLU, max-pool; conv 128@4x4,
+    ReLU, max-pool; conv 256@4x4, ReLU; flatten (256x6x6 on 105x105 inputs);
+    fully connected to `features` (4096) units with a sigmoid. Unpadded
+    convolutions, no batch norm, as in the paper. The paper's initialisation
+    (weights N(0, 0.01), biases N(0.5, 0.01), fully connected weights N(0, 0.2))
+    is applied. Input [N, C, H, W] -> [N, features].
+    """
+    side, layers = image_size, [ChannelsLast()] if channels_last else []
+    c_in = in_channels
+    for i, (filters, kernel) in enumerate(KOCH_CONVS):
+        side -= kernel - 1
+        conv = nn.Conv2d(c_in, filters, kernel)
+        nn.init.normal_(conv.weight, 0.0, 1e-2)
+        nn.init.normal_(conv.bias, 0.5, 1e-2)
+        layers += [conv, nn.ReLU(inplace=True)]
+        if i < len(KOCH_CONVS) - 1:
+            layers.append(nn.MaxPool2d(2))
+            side //= 2
+        if side < 1:
+            raise ConfigError(
+                f"image_size={image_size} is too small for the Koch et al. encoder; it was "
+                "designed for 105x105 images (data.image_size=105)"
+            )
+        c_in = filters
+    fc = nn.Linear(c_in * side * side, features)
+    nn.init.normal_(fc.weight, 0.0, 0.2)
+    nn.init.normal_(fc.bias, 0.5, 1e-2)
+    net = nn.Sequential(*layers, nn.Flatten(), fc, nn.Sigmoid())
+    net.feature_shape = (features,)
+    return net.to(memory_format=torch.channels_last) if channels_last else net

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metarun.algorithms import conv4
+from metarun.algorithms import Siamese, conv4, koch_siamese
 from metarun.data import ConfigError
 
 
@@ -30,3 +30,33 @@ def test_conv4_feature_shape(kwargs, shape):
 def test_conv4_refuses_images_too_small_for_its_pooling():
     with pytest.raises(ConfigError, match="too small"):
         conv4(image_size=8)
+
+
+def test_koch_encoder_matches_the_paper_on_105x105_images():
+    net = koch_siamese(features=32)  # 4096 in the paper; fewer units keep the test light
+    convs = [m for m in net if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size[0]) for c in convs] == [
+        (64, 10),
+        (128, 7),
+        (128, 4),
+        (256, 4),
+    ]
+    assert net[-2].in_features == 256 * 6 * 6  # 105 -> 96 -> 48 -> 42 -> 21 -> 18 -> 9 -> 6
+    out = net(torch.rand(2, 1, 105, 105))
+    assert net.feature_shape == (32,) and tuple(out.shape) == (2, 32)
+    assert ((out >= 0) & (out <= 1)).all()  # sigmoid units (the paper's wide init saturates some)
+    logits = (
+        Siamese(net)
+        .eval()
+        .predict(
+            torch.rand(2, 3, 1, 105, 105),
+            torch.tensor([[0, 1, 2]] * 2),
+            torch.rand(2, 4, 1, 105, 105),
+        )
+    )
+    assert tuple(logits.shape) == (2, 4, 3)
+
+
+def test_koch_encoder_refuses_small_images_and_names_the_fix():
+    with pytest.raises(ConfigError, match="data.image_size=105"):
+        koch_siamese(image_size=28)
