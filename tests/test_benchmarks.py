@@ -21,5 +21,7 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
         timeout=600,
     )
     records = json.loads(out.read_text())["results"]
-    assert [r["benchmark"] for r in records] == ["sampler"] * 2 + ["protonet_step"] * 2
+    learners = ["protonet", "siamese", "matching", "relation", "relation_networks"]
+    steps = [f"{name}_step" for name in learners for _ in range(2)]  # 5w1s and 20w1s each
+    assert [r["benchmark"] for r in records] == ["sampler"] * 2 + steps
     assert all(r["metarun"] > 0 and r["baseline"] > 0 for r in records)
