@@ -2,16 +2,22 @@
 
 from .backbones import conv4, koch_siamese
 from .base import MetaLearner
+from .imaml import IMAML
+from .maml import MAML
 from .matching import MatchingNet
 from .protonet import ProtoNet
 from .relation import RelationNet
+from .reptile import Reptile
 from .siamese import Siamese
 
 __all__ = [
+    "IMAML",
+    "MAML",
     "MatchingNet",
     "MetaLearner",
     "ProtoNet",
     "RelationNet",
+    "Reptile",
     "Siamese",
     "conv4",
     "koch_siamese",

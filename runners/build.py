@@ -117,6 +117,13 @@ def validate(cfg: DictConfig) -> None:
         ]
     for key in keys:
         positive_int(cfg, key)
+    head = OmegaConf.select(cfg, "algo.way")  # learners with a classifier head of fixed size
+    if isinstance(head, int) and cfg.eval.way > head:
+        raise ConfigError(
+            f"algo={cfg.algo.name} has a {head}-way classifier head (algo.way), so it cannot "
+            f"be scored on {cfg.eval.way}-way tasks; set eval.way <= {head}, or train with "
+            f"way={cfg.eval.way}"
+        )
     if cfg.mode == "train" and not float(cfg.trainer.lr) > 0:
         raise ConfigError(f"trainer.lr must be positive, got {cfg.trainer.lr}")
     if cfg.trainer.amp not in ("off", "bf16", "fp16"):

@@ -190,13 +190,17 @@ class Trainer:
 def lr_schedule(
     optimizer, kind: str, steps: int, decay_every: int | None = None, decay_factor: float = 0.5
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """constant; cosine decay from trainer.lr to 0 over trainer.steps; or step decay,
+    """constant; cosine or linear decay from trainer.lr to 0 over trainer.steps; or step decay,
     trainer.lr times decay_factor after every decay_every steps."""
     if kind == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if kind == "cosine":
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+        )
+    if kind == "linear":  # e.g. Reptile's outer step size, annealed to 0
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, 1 - min(step, steps) / steps)
         )
     if kind == "step":
         if isinstance(decay_every, bool) or not isinstance(decay_every, int) or decay_every < 1:
@@ -211,7 +215,7 @@ def lr_schedule(
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: decay_factor ** (step // decay_every)
         )
-    raise ConfigError(f"trainer.schedule={kind!r}; choose constant, cosine or step")
+    raise ConfigError(f"trainer.schedule={kind!r}; choose constant, cosine, linear or step")
 
 
 def check_compatible(cfg: DictConfig, stored: DictConfig, path: str) -> None:

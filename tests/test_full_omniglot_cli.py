@@ -13,12 +13,15 @@ from conftest import run_cli, run_dirs
 from omegaconf import OmegaConf
 from test_omniglot import FULL, make_root
 
-LEARNERS = ("protonet", "siamese", "matching", "relation")
-# the paper's networks where they fit 28x28 images: relation's default is its embedding module
-DEFAULT_BACKBONES = {"relation": "conv4_relation"}
+METRIC = ("protonet", "siamese", "matching", "relation")
+OPTIMIZATION = ("maml", "fomaml", "metasgd", "anil", "reptile", "imaml")
+LEARNERS = METRIC + OPTIMIZATION
+# the paper's networks where they fit 28x28 images: relation's default is its embedding
+# module, the optimization-based learners' is MAML's strided network
+DEFAULT_BACKBONES = {"relation": "conv4_relation"} | {a: "conv4_strided" for a in OPTIMIZATION}
 
 
-def test_every_metric_learner_runs_20_way_1_shot_on_omniglot(tmp_path):
+def test_every_learner_runs_20_way_1_shot_on_omniglot(tmp_path):
     root = make_root(tmp_path / "omniglot", FULL, chars=3, images=4)
     out = tmp_path / "out"
     run_cli(

@@ -46,5 +46,9 @@ def test_step_schedule_settings_are_checked(kw, message):
 
 
 def test_unknown_schedule_names_the_choices():
-    with pytest.raises(ConfigError, match="constant, cosine or step"):
-        lrs("linear", 10, 1)
+    with pytest.raises(ConfigError, match="constant, cosine, linear or step"):
+        lrs("exponential", 10, 1)
+
+
+def test_linear_anneals_to_zero():
+    assert lrs("linear", 4, 6) == pytest.approx([0.1, 0.075, 0.05, 0.025, 0.0, 0.0])

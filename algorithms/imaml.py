@@ -1,0 +1,209 @@
+"""iMAML: meta-gradients through the inner optimum by the implicit function theorem."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from metarun.data.episodes import Episodes
+from metarun.data.errors import ConfigError
+
+from .base import MetaLearner, feature_shape, infer_way
+
+
+def conjugate_gradient(
+    matvec: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]],
+    b: Sequence[torch.Tensor],
+    steps: int,
+) -> list[torch.Tensor]:
+    """Approximately solve A x = b for symmetric positive definite A, given x -> A x.
+
+    Works on lists of tensors (one per parameter); starts at x = 0; `steps` iterations.
+    Stops early when A shows non-positive curvature along a search direction (the
+    Hessian of a network's loss can be indefinite); before any step it then returns b.
+    """
+    x = [torch.zeros_like(t) for t in b]
+    r = [t.clone() for t in b]
+    p = [t.clone() for t in b]
+    rr = sum((t * t).sum() for t in r)
+    for i in range(steps):
+        ap = matvec(p)
+        curvature = sum((u * v).sum() for u, v in zip(p, ap))
+        if not curvature > 0:  # not positive definite along p (or NaN): stop here
+            # with no step taken yet, b itself (the first-order answer) is the safe fallback
+            return x if i > 0 else [t.clone() for t in b]
+        alpha = rr / curvature
+        x = [u + alpha * v for u, v in zip(x, p)]
+        r = [u - alpha * v for u, v in zip(r, ap)]
+        rr_new = sum((t * t).sum() for t in r)
+        if rr_new < 1e-20:
+            break
+        p = [u + (rr_new / rr) * v for u, v in zip(r, p)]
+        rr = rr_new
+    return x
+
+
+def implicit_meta_gradient(
+    support_loss: Callable[[Sequence[torch.Tensor]], torch.Tensor],
+    phi: Sequence[torch.Tensor],
+    query_grad: Sequence[torch.Tensor],
+    lam: float,
+    cg_steps: int,
+    damping: float = 0.0,
+) -> list[torch.Tensor]:
+    """v = (I + (H + damping I) / lam)^-1 g, with H the Hessian of the support loss at phi.
+
+    That is the gradient of the query loss at the proximal inner optimum phi with
+    respect to the initial weights (Rajeswaran et al. 2019, Lemma 1), found by
+    conjugate gradient with Hessian-vector products (no unrolled inner loop).
+    """
+    phi = [p.detach().requires_grad_(True) for p in phi]
+    with torch.enable_grad():
+        grads = torch.autograd.grad(support_loss(phi), phi, create_graph=True)
+
+    def matvec(v):
+        hv = torch.autograd.grad(grads, phi, grad_outputs=v, retain_graph=True)
+        return [u + (h + damping * u) / lam for u, h in zip(v, hv)]
+
+    return [
+        t.detach() for t in conjugate_gradient(matvec, [g.detach() for g in query_grad], cg_steps)
+    ]
+
+
+class IMAML(MetaLearner):
+    """Implicit MAML (Rajeswaran, Finn, Kakade, Levine, NeurIPS 2019).
+
+    Inner problem per task: phi = argmin L_support(phi) + lam/2 ||phi - theta||^2,
+    solved approximately by `inner_steps` steps of gradient descent (step
+    `inner_lr`) from theta, without building a graph. Meta-gradient: the
+    implicit one, (I + H/lam)^-1 grad L_query(phi), solved by `cg_steps` of
+    conjugate gradient with Hessian-vector products of the support loss at
+    phi; `damping` adds damping * I to H for stability. Memory therefore does
+    not grow with inner_steps. The meta-batch's meta-gradients are averaged and
+    given to the outer optimizer (Adam at trainer.lr).
+
+    Batch norm uses the statistics of the batch it sees and keeps no running
+    statistics (transductive, as in MAML). predict solves the same proximal
+    problem with `test_inner_steps`.
+    Departure: the paper's Omniglot experiments solve the inner problem with
+    Hessian-free or many GD steps; the solver here is plain GD.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        way: int,
+        lam: float = 2.0,
+        inner_steps: int = 16,
+        inner_lr: float = 0.1,
+        test_inner_steps: int | None = None,
+        cg_steps: int = 5,
+        damping: float = 1.0,
+    ):
+        super().__init__()
+        test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
+        for key, value in (
+            ("way", way),
+            ("inner_steps", inner_steps),
+            ("cg_steps", cg_steps),
+            ("test_inner_steps", test_inner_steps),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"algo.{key} must be a positive integer, got {value!r}")
+        for key, value in (("lam", lam), ("inner_lr", inner_lr)):
+            if not value > 0:
+                raise ConfigError(f"algo.{key} must be positive, got {value!r}")
+        if damping < 0:
+            raise ConfigError(f"algo.damping must be 0 or more, got {damping!r}")
+        shape = feature_shape(backbone, "iMAML's head")
+        self.backbone = backbone
+        self.head = nn.Linear(math.prod(shape), way)
+        for m in backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.track_running_stats = False
+                m.running_mean = m.running_var = m.num_batches_tracked = None
+        self.way, self.lam, self.inner_lr, self.damping = way, float(lam), float(inner_lr), damping
+        self.inner_steps, self.test_inner_steps, self.cg_steps = (
+            inner_steps,
+            test_inner_steps,
+            cg_steps,
+        )
+
+    def forward(self, x):
+        return self.head(self.backbone(x).flatten(1))
+
+    def task_loss(self, params: Sequence[torch.Tensor], x, y, way: int) -> torch.Tensor:
+        names = [n for n, _ in self.named_parameters()]
+        with self.autocast():
+            logits = functional_call(self, dict(zip(names, params)), (x,))[:, :way]
+        return F.cross_entropy(logits.float(), y)
+
+    def solve_inner(self, x, y, steps: int, way: int) -> list[torch.Tensor]:
+        theta = [p.detach() for p in self.parameters()]
+        phi = [t.clone() for t in theta]
+        with torch.enable_grad():
+            for _ in range(steps):
+                phi = [p.requires_grad_(True) for p in phi]
+                grads = torch.autograd.grad(self.task_loss(phi, x, y, way), phi)
+                with torch.no_grad():
+                    phi = [
+                        p - self.inner_lr * (g + self.lam * (p - t))
+                        for p, g, t in zip(phi, grads, theta)
+                    ]
+        return [p.detach() for p in phi]
+
+    def predict(self, support_x, support_y, query_x, way=None):
+        way = infer_way(support_y, way)
+        if way > self.way:
+            raise ConfigError(
+                f"this iMAML model has a {self.way}-way head and cannot score {way}-way tasks; "
+                f"test with way <= {self.way}, or train with way={way}"
+            )
+        steps = self.inner_steps if self.training else self.test_inner_steps
+        names = [n for n, _ in self.named_parameters()]
+        out = []
+        for sx, sy, qx in zip(support_x, support_y, query_x):
+            phi = self.solve_inner(sx, sy, steps, way)
+            with torch.no_grad(), self.autocast():
+                out.append(functional_call(self, dict(zip(names, phi)), (qx,))[:, :way])
+        return torch.stack(out)
+
+    def meta_train_step(self, episodes: Episodes) -> dict[str, torch.Tensor]:
+        self.train()
+        way, b = episodes.way, episodes.batch_size
+        params = list(self.parameters())
+        meta_grads = [torch.zeros_like(p) for p in params]
+        losses, accs = [], []
+        for sx, sy, qx, qy in zip(
+            episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y
+        ):
+            phi = self.solve_inner(sx, sy, self.inner_steps, way)
+            phi_q = [p.requires_grad_(True) for p in phi]
+            with torch.enable_grad():
+                names = [n for n, _ in self.named_parameters()]
+                with self.autocast():
+                    logits = functional_call(self, dict(zip(names, phi_q)), (qx,))[:, :way]
+                loss = F.cross_entropy(logits.float(), qy)
+                query_grad = torch.autograd.grad(loss, phi_q)
+            v = implicit_meta_gradient(
+                lambda p, sx=sx, sy=sy: self.task_loss(p, sx, sy, way),
+                phi,
+                query_grad,
+                self.lam,
+                self.cg_steps,
+                self.damping,
+            )
+            for acc_g, vi in zip(meta_grads, v):
+                acc_g += vi / b
+            losses.append(loss.detach())
+            accs.append((logits.detach().argmax(-1) == qy).float().mean())
+        self.optimizer.zero_grad(set_to_none=True)
+        for p, g in zip(params, meta_grads):
+            p.grad = g
+        self.optimizer.step()
+        return {"loss": torch.stack(losses).mean(), "acc": torch.stack(accs)}

@@ -1,0 +1,159 @@
+"""Reptile: first-order meta-learning by moving the initial weights toward adapted ones."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from metarun.data.episodes import Episodes
+from metarun.data.errors import ConfigError
+
+from .base import MetaLearner, feature_shape, infer_way
+
+INNER_OPTIMIZERS = ("sgd", "adam")
+
+
+class Reptile(MetaLearner):
+    """Reptile (Nichol, Achiam, Schulman 2018, "On First-Order Meta-Learning Algorithms").
+
+    Per task of the meta-batch: start from the initial weights theta, take
+    `inner_steps` optimizer steps (SGD, or Adam as in the paper's few-shot
+    experiments) on minibatches of `inner_batch` support examples, giving
+    phi_i. The outer update is the batched version: theta <- theta +
+    epsilon * mean_i (phi_i - theta). It is done by handing theta - mean phi
+    to an SGD optimizer with learning rate epsilon = trainer.lr, so the
+    trainer's schedule anneals epsilon (the paper: linearly from 1 to 0,
+    trainer.schedule=linear).
+
+    predict fine-tunes a copy on each task's support set for
+    `test_inner_steps` and scores the queries with it.
+
+    Batch norm keeps no running statistics and uses the statistics of the
+    batch it sees (transductive at test time, as in the paper's
+    "transductive" setting); the paper also reports a non-transductive
+    variant, not offered here.
+    Departures: the inner minibatches cycle through a fresh permutation of
+    the support set (the paper samples minibatches from the task's training
+    data the same way); the queries of training episodes are unused.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        way: int,
+        inner_steps: int = 5,
+        inner_lr: float = 0.001,
+        inner_optimizer: str = "adam",
+        inner_batch: int = 10,
+        test_inner_steps: int = 50,
+    ):
+        super().__init__()
+        for key, value in (
+            ("way", way),
+            ("inner_steps", inner_steps),
+            ("inner_batch", inner_batch),
+            ("test_inner_steps", test_inner_steps),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"algo.{key} must be a positive integer, got {value!r}")
+        if inner_optimizer not in INNER_OPTIMIZERS:
+            raise ConfigError(f"algo.inner_optimizer={inner_optimizer!r}; choose sgd or adam")
+        if not inner_lr > 0:
+            raise ConfigError(f"algo.inner_lr must be positive, got {inner_lr!r}")
+        shape = feature_shape(backbone, "Reptile's head")
+        self.backbone = backbone
+        self.head = nn.Linear(math.prod(shape), way)
+        for m in backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.track_running_stats = False
+                m.running_mean = m.running_var = m.num_batches_tracked = None
+        self.way, self.inner_steps, self.test_inner_steps = way, inner_steps, test_inner_steps
+        self.inner_lr, self.inner_optimizer, self.inner_batch = (
+            inner_lr,
+            inner_optimizer,
+            inner_batch,
+        )
+
+    def forward(self, x):
+        return self.head(self.backbone(x).flatten(1))
+
+    def configure_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """The outer step: SGD on theta - mean(phi) with learning rate epsilon = lr."""
+        self.optimizer = torch.optim.SGD(self.parameters(), lr=lr)
+        return self.optimizer
+
+    def fine_tune(self, x, y, steps: int, way: int) -> dict[str, torch.Tensor]:
+        """Weights after `steps` inner steps on (x, y), starting from the module's own."""
+        params = {n: p.detach().clone() for n, p in self.named_parameters()}
+        state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
+        n = x.shape[0]
+        order = torch.randperm(n, device=x.device)
+        cursor = 0
+        for t in range(1, steps + 1):
+            if cursor + self.inner_batch > n:
+                order, cursor = torch.randperm(n, device=x.device), 0
+            idx = order[cursor : cursor + self.inner_batch]
+            cursor += self.inner_batch
+            for p in params.values():
+                p.requires_grad_(True)
+            with self.autocast():
+                logits = functional_call(self, params, (x[idx],))[:, :way]
+            loss = F.cross_entropy(logits.float(), y[idx])
+            grads = torch.autograd.grad(loss, list(params.values()))
+            with torch.no_grad():
+                params = {
+                    name: self.update(p, g, state[name], t)
+                    for (name, p), g in zip(params.items(), grads)
+                }
+        return params
+
+    def update(self, p, g, state, t: int) -> torch.Tensor:
+        if self.inner_optimizer == "sgd":
+            return p - self.inner_lr * g
+        m, v = state  # Adam with the default betas and eps, fresh for every task
+        m.mul_(0.9).add_(g, alpha=0.1)
+        v.mul_(0.999).addcmul_(g, g, value=0.001)
+        m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
+        return p - self.inner_lr * m_hat / (v_hat.sqrt() + 1e-8)
+
+    def predict(self, support_x, support_y, query_x, way=None):
+        way = infer_way(support_y, way)
+        if way > self.way:
+            raise ConfigError(
+                f"this Reptile model has a {self.way}-way head and cannot score {way}-way "
+                f"tasks; test with way <= {self.way}, or train with way={way}"
+            )
+        steps = self.inner_steps if self.training else self.test_inner_steps
+        out = []
+        for sx, sy, qx in zip(support_x, support_y, query_x):
+            with torch.enable_grad():
+                params = self.fine_tune(sx, sy, steps, way)
+            with torch.no_grad(), self.autocast():
+                out.append(functional_call(self, params, (qx,))[:, :way])
+        return torch.stack(out)
+
+    def meta_train_step(self, episodes: Episodes) -> dict[str, torch.Tensor]:
+        self.train()
+        way = episodes.way
+        theta = dict(self.named_parameters())
+        deltas = {n: torch.zeros_like(p) for n, p in theta.items()}
+        losses, accs = [], []
+        for sx, sy, qx, qy in zip(
+            episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y
+        ):
+            phi = self.fine_tune(sx, sy, self.inner_steps, way)
+            for n in deltas:
+                deltas[n] += (theta[n].detach() - phi[n]) / episodes.batch_size
+            with torch.no_grad(), self.autocast():
+                logits = functional_call(self, phi, (qx,))[:, :way].float()
+            losses.append(F.cross_entropy(logits, qy))
+            accs.append((logits.argmax(-1) == qy).float().mean())
+        self.optimizer.zero_grad(set_to_none=True)
+        for n, p in theta.items():
+            p.grad = deltas[n]
+        self.optimizer.step()
+        return {"loss": torch.stack(losses).mean(), "acc": torch.stack(accs)}

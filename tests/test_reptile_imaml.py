@@ -1,0 +1,149 @@
+"""Reptile's outer update and iMAML's implicit gradient, checked by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metarun.algorithms.imaml import IMAML, conjugate_gradient, implicit_meta_gradient
+from metarun.algorithms.reptile import Reptile
+from metarun.data import Episodes
+from metarun.data.errors import ConfigError
+
+
+def tiny(features=3):
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4, features), nn.Tanh())
+    net.feature_shape = (features,)
+    return net
+
+
+def episodes(batch=1, way=2, shot=2, query=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Episodes(
+        support_x=torch.randn(batch, way * shot, 1, 2, 2, generator=g),
+        support_y=torch.arange(way).repeat_interleave(shot).repeat(batch, 1),
+        query_x=torch.randn(batch, way * query, 1, 2, 2, generator=g),
+        query_y=torch.arange(way).repeat_interleave(query).repeat(batch, 1),
+        classes=torch.arange(way).repeat(batch, 1),
+    )
+
+
+def test_reptile_update_is_the_hand_computed_interpolation():
+    """One task, SGD inner steps on the whole support set: theta + eps (phi - theta)."""
+    torch.manual_seed(0)
+    eps, lr, steps = 0.3, 0.1, 3
+    learner = Reptile(
+        tiny(), way=2, inner_steps=steps, inner_lr=lr, inner_optimizer="sgd", inner_batch=4
+    )
+    learner.configure_optimizer(eps)
+    ep = episodes()
+    theta = {n: p.detach().clone() for n, p in learner.named_parameters()}
+    # by hand: full-batch SGD from theta (inner_batch = support size, so order does not matter)
+    phi = {n: p.clone().requires_grad_(True) for n, p in theta.items()}
+    for _ in range(steps):
+        logits = torch.func.functional_call(learner, phi, (ep.support_x[0],))
+        grads = torch.autograd.grad(F.cross_entropy(logits, ep.support_y[0]), list(phi.values()))
+        phi = {
+            n: (p - lr * g).detach().requires_grad_(True) for (n, p), g in zip(phi.items(), grads)
+        }
+    learner.meta_train_step(ep)
+    for n, p in learner.named_parameters():
+        torch.testing.assert_close(p.detach(), theta[n] + eps * (phi[n].detach() - theta[n]))
+
+
+def test_reptile_predict_fine_tunes_and_keeps_the_initial_weights():
+    torch.manual_seed(0)
+    learner = Reptile(tiny(), way=2, inner_steps=2, test_inner_steps=4, inner_batch=2).eval()
+    before = [p.detach().clone() for p in learner.parameters()]
+    ep = episodes(batch=3)
+    with torch.no_grad():
+        logits = learner.predict(ep.support_x, ep.support_y, ep.query_x, way=2)
+    assert logits.shape == (3, 6, 2)
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.parameters()))
+
+
+def test_conjugate_gradient_solves_a_small_spd_system():
+    torch.manual_seed(0)
+    m = torch.randn(5, 5, dtype=torch.float64)
+    a = m @ m.T + 5 * torch.eye(5, dtype=torch.float64)
+    b = torch.randn(5, dtype=torch.float64)
+    (x,) = conjugate_gradient(lambda v: [a @ v[0]], [b], steps=5)  # exact in n steps
+    torch.testing.assert_close(a @ x, b)
+
+
+def test_implicit_gradient_matches_the_closed_form_on_a_quadratic():
+    """Inner: L_s(phi) = 1/2 phi'A phi - b'phi + lam/2 |phi - theta|^2, so
+    phi*(theta) = (A + lam I)^-1 (b + lam theta) and, for L_q(phi) = 1/2 |phi - c|^2,
+    d L_q(phi*) / d theta = lam (A + lam I)^-1 (phi* - c)."""
+    torch.manual_seed(0)
+    n, lam = 4, 2.0
+    m = torch.randn(n, n, dtype=torch.float64)
+    a = m @ m.T + torch.eye(n, dtype=torch.float64)
+    b, c, theta = (torch.randn(n, dtype=torch.float64) for _ in range(3))
+    phi = torch.linalg.solve(a + lam * torch.eye(n, dtype=torch.float64), b + lam * theta)
+    expected = lam * torch.linalg.solve(a + lam * torch.eye(n, dtype=torch.float64), phi - c)
+
+    def support_loss(params):
+        (p,) = params
+        return 0.5 * p @ a @ p - b @ p
+
+    (got,) = implicit_meta_gradient(support_loss, [phi], [phi - c], lam, cg_steps=n)
+    torch.testing.assert_close(got, expected)
+
+
+def test_imaml_step_and_predict_run_with_bounded_graph():
+    torch.manual_seed(0)
+    learner = IMAML(tiny(), way=2, inner_steps=5, cg_steps=3)
+    learner.configure_optimizer(1e-2)
+    before = [p.detach().clone() for p in learner.parameters()]
+    metrics = learner.meta_train_step(episodes(batch=2))
+    assert metrics["acc"].shape == (2,) and not metrics["loss"].requires_grad
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.parameters()))
+    ep = episodes(batch=2)
+    with torch.no_grad():
+        assert learner.eval().predict(ep.support_x, ep.support_y, ep.query_x).shape == (2, 6, 2)
+
+
+@pytest.mark.parametrize(
+    "cls, kw, match",
+    [
+        (Reptile, {"inner_optimizer": "rmsprop"}, "inner_optimizer"),
+        (Reptile, {"inner_batch": 0}, "inner_batch"),
+        (IMAML, {"lam": 0.0}, "lam"),
+        (IMAML, {"cg_steps": 0}, "cg_steps"),
+    ],
+)
+def test_bad_settings_fail_clearly(cls, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        cls(tiny(), way=2, **kw)
+
+
+def learning_run(learner, steps, lr, meta_batch=4):
+    from metarun.data import EpisodeSampler, FixedEpisodes
+    from metarun.data.synthetic import synthetic
+    from metarun.runners.evaluate import evaluate
+
+    sampler = EpisodeSampler(synthetic("train"), 5, 1, 5, seed=0)
+    test = FixedEpisodes(synthetic("test"), 100, 5, 1, 5, seed=0)
+    learner.configure_optimizer(lr)
+    before = evaluate(learner, test)
+    losses = [
+        float(learner.meta_train_step(sampler.sample(meta_batch))["loss"]) for _ in range(steps)
+    ]
+    return before, evaluate(learner, test), losses
+
+
+def test_imaml_learns_on_synthetic_glyphs():
+    from metarun.algorithms import conv4
+
+    torch.manual_seed(0)
+    learner = IMAML(
+        conv4(hidden=16, variant="strided"), way=5, inner_steps=5, cg_steps=3, inner_lr=0.1, lam=1.0
+    )
+    before, after, losses = learning_run(learner, 100, 3e-3)
+    # measured at torch seed 0: loss 1.42 -> 0.92 (ratio 0.65), accuracy 0.46 -> 0.76 with
+    # 95% intervals of about 0.024 each, so the margins are wide
+    assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
+    assert after["acc"] - after["ci95"] > before["acc"] + before["ci95"], (before, after)
