@@ -8,6 +8,7 @@ ever calls these, so a new algorithm is one file and one yaml.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -131,3 +132,50 @@ def feature_shape(backbone: nn.Module, learner: str) -> tuple[int, ...]:
 def infer_way(support_y: torch.Tensor, way: int | None) -> int:
     """`way` when given; else from the labels (a host sync, so callers pass it)."""
     return int(support_y.max()) + 1 if way is None else way
+
+
+def positive_ints(**values) -> None:
+    """Raise a ConfigError naming `algo.<key>` unless every value is an integer >= 1."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"algo.{key} must be a positive integer, got {value!r}")
+
+
+def use_batch_statistics(backbone: nn.Module) -> None:
+    """Make every batch-norm layer normalise with the current batch's statistics, always,
+    and keep no running statistics (the transductive setting of MAML and its relatives)."""
+    for m in backbone.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+
+
+class HeadLearner(MetaLearner):
+    """A learner whose model is the backbone plus a linear head with `way` outputs.
+
+    The optimization-based learners adapt this model per task. Tasks with fewer
+    classes than the head use its first outputs; more classes are refused.
+    """
+
+    title = "this"  # how error messages name the learner
+
+    def __init__(self, backbone: nn.Module, way: int, batch_statistics: bool) -> None:
+        super().__init__()
+        positive_ints(way=way)
+        shape = feature_shape(backbone, f"{self.title}'s head")
+        self.backbone = backbone
+        self.head = nn.Linear(math.prod(shape), way)
+        self.way = way
+        if batch_statistics:
+            use_batch_statistics(backbone)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] -> logits [N, way] with the module's own (initial) weights."""
+        return self.head(self.backbone(x).flatten(1))
+
+    def check_way(self, way: int) -> None:
+        if way > self.way:
+            raise ConfigError(
+                f"this {self.title} model has a {self.way}-way head and cannot score {way}-way "
+                f"tasks; test with way <= {self.way}, or train with way={way}"
+            )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -13,7 +12,7 @@ from torch.func import functional_call
 from metarun.data.episodes import Episodes
 from metarun.data.errors import ConfigError
 
-from .base import MetaLearner, feature_shape, infer_way
+from .base import HeadLearner, infer_way, positive_ints
 
 
 def conjugate_gradient(
@@ -75,7 +74,7 @@ def implicit_meta_gradient(
     ]
 
 
-class IMAML(MetaLearner):
+class IMAML(HeadLearner):
     """Implicit MAML (Rajeswaran, Finn, Kakade, Levine, NeurIPS 2019).
 
     Inner problem per task: phi = argmin L_support(phi) + lam/2 ||phi - theta||^2,
@@ -94,6 +93,8 @@ class IMAML(MetaLearner):
     Hessian-free or many GD steps; the solver here is plain GD.
     """
 
+    title = "iMAML"
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -105,37 +106,20 @@ class IMAML(MetaLearner):
         cg_steps: int = 5,
         damping: float = 1.0,
     ):
-        super().__init__()
         test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
-        for key, value in (
-            ("way", way),
-            ("inner_steps", inner_steps),
-            ("cg_steps", cg_steps),
-            ("test_inner_steps", test_inner_steps),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"algo.{key} must be a positive integer, got {value!r}")
+        positive_ints(inner_steps=inner_steps, cg_steps=cg_steps, test_inner_steps=test_inner_steps)
         for key, value in (("lam", lam), ("inner_lr", inner_lr)):
             if not value > 0:
                 raise ConfigError(f"algo.{key} must be positive, got {value!r}")
         if damping < 0:
             raise ConfigError(f"algo.damping must be 0 or more, got {damping!r}")
-        shape = feature_shape(backbone, "iMAML's head")
-        self.backbone = backbone
-        self.head = nn.Linear(math.prod(shape), way)
-        for m in backbone.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.track_running_stats = False
-                m.running_mean = m.running_var = m.num_batches_tracked = None
-        self.way, self.lam, self.inner_lr, self.damping = way, float(lam), float(inner_lr), damping
+        super().__init__(backbone, way, batch_statistics=True)
+        self.lam, self.inner_lr, self.damping = float(lam), float(inner_lr), damping
         self.inner_steps, self.test_inner_steps, self.cg_steps = (
             inner_steps,
             test_inner_steps,
             cg_steps,
         )
-
-    def forward(self, x):
-        return self.head(self.backbone(x).flatten(1))
 
     def task_loss(self, params: Sequence[torch.Tensor], x, y, way: int) -> torch.Tensor:
         names = [n for n, _ in self.named_parameters()]
@@ -159,11 +143,7 @@ class IMAML(MetaLearner):
 
     def predict(self, support_x, support_y, query_x, way=None):
         way = infer_way(support_y, way)
-        if way > self.way:
-            raise ConfigError(
-                f"this iMAML model has a {self.way}-way head and cannot score {way}-way tasks; "
-                f"test with way <= {self.way}, or train with way={way}"
-            )
+        self.check_way(way)
         steps = self.inner_steps if self.training else self.test_inner_steps
         names = [n for n, _ in self.named_parameters()]
         out = []

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,13 +9,13 @@ from torch.func import functional_call
 
 from metarun.data.errors import ConfigError
 
-from .base import MetaLearner, feature_shape, infer_way
+from .base import HeadLearner, infer_way, positive_ints
 
 BATCH_NORM = ("transductive", "running")
 ADAPT = ("all", "head")
 
 
-class MAML(MetaLearner):
+class MAML(HeadLearner):
     """MAML (Finn, Abbeel, Levine, ICML 2017).
 
     The model is the backbone followed by a linear head with `way` outputs.
@@ -51,6 +49,8 @@ class MAML(MetaLearner):
     gradients back on for itself and returns detached logits.
     """
 
+    title = "MAML"
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -63,10 +63,7 @@ class MAML(MetaLearner):
         adapt: str = "all",
         batch_norm: str = "transductive",
     ):
-        super().__init__()
-        for key, value in (("inner_steps", inner_steps), ("way", way)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"algo.{key} must be a positive integer, got {value!r}")
+        positive_ints(inner_steps=inner_steps)
         test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
         if isinstance(test_inner_steps, bool) or not isinstance(test_inner_steps, int):
             raise ConfigError(f"algo.test_inner_steps must be an integer, got {test_inner_steps!r}")
@@ -76,17 +73,9 @@ class MAML(MetaLearner):
             raise ConfigError(f"algo.adapt={adapt!r}; choose 'all' (MAML) or 'head' (ANIL)")
         if batch_norm not in BATCH_NORM:
             raise ConfigError(f"algo.batch_norm={batch_norm!r}; choose one of {BATCH_NORM}")
-        shape = feature_shape(backbone, "MAML's head")
-        self.backbone = backbone
-        self.head = nn.Linear(math.prod(shape), way)
-        self.way = way
+        super().__init__(backbone, way, batch_statistics=batch_norm == "transductive")
         self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
         self.inner_lr, self.first_order, self.adapt = float(inner_lr), first_order, adapt
-        if batch_norm == "transductive":
-            for m in backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.track_running_stats = False
-                    m.running_mean = m.running_var = m.num_batches_tracked = None
         self.fast_names = [
             n for n, _ in self.named_parameters() if adapt == "all" or n.startswith("head.")
         ]
@@ -99,10 +88,6 @@ class MAML(MetaLearner):
             if learn_inner_lr
             else None
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] -> logits [N, way] with the module's own (initial) weights."""
-        return self.head(self.backbone(x).flatten(1))
 
     def fast_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """Logits with the fast weights `params`; x are images, or features when adapt=head."""
@@ -135,11 +120,7 @@ class MAML(MetaLearner):
 
     def predict(self, support_x, support_y, query_x, way=None):
         way = infer_way(support_y, way)
-        if way > self.way:
-            raise ConfigError(
-                f"this MAML model has a {self.way}-way head and cannot score {way}-way tasks; "
-                f"test with way <= {self.way}, or train with way={way}"
-            )
+        self.check_way(way)
         train_graph = torch.is_grad_enabled()
         steps = self.inner_steps if self.training else self.test_inner_steps
         create_graph = self.training and train_graph and not self.first_order

@@ -10,7 +10,7 @@ from torch import nn
 
 from metarun.data.errors import ConfigError
 
-from .base import MetaLearner, embed_tasks, feature_shape, infer_way
+from .base import MetaLearner, embed_tasks, feature_shape, infer_way, positive_ints
 
 
 class MatchingNet(MetaLearner):
@@ -123,6 +123,5 @@ def label_log_probs(attention: torch.Tensor, support_y: torch.Tensor, way: int) 
 
 def feature_dim(backbone: nn.Module, fce_steps: int) -> int:
     """D, the flattened embedding size the FCE LSTMs are built for."""
-    if not isinstance(fce_steps, int) or isinstance(fce_steps, bool) or fce_steps < 1:
-        raise ConfigError(f"algo.fce_steps must be a positive integer, got {fce_steps!r}")
+    positive_ints(fce_steps=fce_steps)
     return math.prod(feature_shape(backbone, "fce=true (its LSTMs)"))

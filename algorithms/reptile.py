@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,12 +10,12 @@ from torch.func import functional_call
 from metarun.data.episodes import Episodes
 from metarun.data.errors import ConfigError
 
-from .base import MetaLearner, feature_shape, infer_way
+from .base import HeadLearner, infer_way, positive_ints
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 
 
-class Reptile(MetaLearner):
+class Reptile(HeadLearner):
     """Reptile (Nichol, Achiam, Schulman 2018, "On First-Order Meta-Learning Algorithms").
 
     Per task of the meta-batch: start from the initial weights theta, take
@@ -41,6 +39,8 @@ class Reptile(MetaLearner):
     data the same way); the queries of training episodes are unused.
     """
 
+    title = "Reptile"
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -51,35 +51,20 @@ class Reptile(MetaLearner):
         inner_batch: int = 10,
         test_inner_steps: int = 50,
     ):
-        super().__init__()
-        for key, value in (
-            ("way", way),
-            ("inner_steps", inner_steps),
-            ("inner_batch", inner_batch),
-            ("test_inner_steps", test_inner_steps),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"algo.{key} must be a positive integer, got {value!r}")
+        positive_ints(
+            inner_steps=inner_steps, inner_batch=inner_batch, test_inner_steps=test_inner_steps
+        )
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ConfigError(f"algo.inner_optimizer={inner_optimizer!r}; choose sgd or adam")
         if not inner_lr > 0:
             raise ConfigError(f"algo.inner_lr must be positive, got {inner_lr!r}")
-        shape = feature_shape(backbone, "Reptile's head")
-        self.backbone = backbone
-        self.head = nn.Linear(math.prod(shape), way)
-        for m in backbone.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.track_running_stats = False
-                m.running_mean = m.running_var = m.num_batches_tracked = None
-        self.way, self.inner_steps, self.test_inner_steps = way, inner_steps, test_inner_steps
+        super().__init__(backbone, way, batch_statistics=True)
+        self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
         self.inner_lr, self.inner_optimizer, self.inner_batch = (
             inner_lr,
             inner_optimizer,
             inner_batch,
         )
-
-    def forward(self, x):
-        return self.head(self.backbone(x).flatten(1))
 
     def configure_optimizer(self, lr: float) -> torch.optim.Optimizer:
         """The outer step: SGD on theta - mean(phi) with learning rate epsilon = lr."""
@@ -122,11 +107,7 @@ class Reptile(MetaLearner):
 
     def predict(self, support_x, support_y, query_x, way=None):
         way = infer_way(support_y, way)
-        if way > self.way:
-            raise ConfigError(
-                f"this Reptile model has a {self.way}-way head and cannot score {way}-way "
-                f"tasks; test with way <= {self.way}, or train with way={way}"
-            )
+        self.check_way(way)
         steps = self.inner_steps if self.training else self.test_inner_steps
         out = []
         for sx, sy, qx in zip(support_x, support_y, query_x):
