@@ -65,6 +65,26 @@ def run_cli(
     return proc
 
 
+def learning_run(learner, steps: int, lr: float, meta_batch: int = 2):
+    """Meta-train `learner` on synthetic 5-way 1-shot tasks (5 queries per class).
+
+    Returns its accuracy on 100 fixed synthetic test episodes before and after
+    (`evaluate`'s dict: acc, ci95, episodes) and the loss of every step.
+    """
+    from metarun.data import EpisodeSampler, FixedEpisodes
+    from metarun.data.synthetic import synthetic
+    from metarun.runners.evaluate import evaluate
+
+    sampler = EpisodeSampler(synthetic("train"), 5, 1, 5, seed=0)
+    episodes = FixedEpisodes(synthetic("test"), 100, 5, 1, 5, seed=0)
+    learner.configure_optimizer(lr)
+    before = evaluate(learner, episodes)
+    losses = [
+        float(learner.meta_train_step(sampler.sample(meta_batch))["loss"]) for _ in range(steps)
+    ]
+    return before, evaluate(learner, episodes), losses
+
+
 def run_dirs(root: Path) -> list[Path]:
     """Run folders (those holding .hydra/) under an output root, oldest first."""
     return sorted((p.parent for p in Path(root).glob("**/.hydra")), key=lambda p: p.stat().st_mtime)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import learning_run
 from torch import nn
 from torch.func import functional_call, grad, hessian
 
+from metarun.algorithms import conv4
 from metarun.algorithms.maml import MAML
 from metarun.data.errors import ConfigError
 
@@ -172,19 +174,9 @@ STEPS = 100
     ids=["maml", "fomaml", "metasgd", "anil"],
 )
 def test_learns_on_synthetic_glyphs(algo, loss_ratio):
-    from metarun.algorithms import conv4
-    from metarun.data import EpisodeSampler, FixedEpisodes
-    from metarun.data.synthetic import synthetic
-    from metarun.runners.evaluate import evaluate
-
     torch.manual_seed(0)
-    sampler = EpisodeSampler(synthetic("train"), 5, 1, 5, seed=0)
-    episodes = FixedEpisodes(synthetic("test"), 100, 5, 1, 5, seed=0)
     learner = MAML(conv4(hidden=16, variant="strided"), way=5, inner_lr=0.4, **algo)
-    learner.configure_optimizer(3e-3)
-    before = evaluate(learner, episodes)
-    losses = [float(learner.meta_train_step(sampler.sample(4))["loss"]) for _ in range(STEPS)]
-    after = evaluate(learner, episodes)
+    before, after, losses = learning_run(learner, STEPS, 3e-3, meta_batch=4)
     assert sum(losses[-10:]) < loss_ratio * sum(losses[:10]), losses
     assert after["acc"] - after["ci95"] > before["acc"] + before["ci95"], (before, after)
 

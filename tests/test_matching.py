@@ -6,17 +6,15 @@ import math
 
 import pytest
 import torch
+from conftest import learning_run
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
 from metarun.algorithms import conv4
 from metarun.algorithms.matching import MatchingNet
-from metarun.data import EpisodeSampler, FixedEpisodes
 from metarun.data.errors import ConfigError
-from metarun.data.synthetic import synthetic
 from metarun.runners.build import build_learner
-from metarun.runners.evaluate import evaluate
 
 
 def random_task(batch, way, shot, query):
@@ -91,17 +89,6 @@ def test_learn_scale_is_a_parameter_and_bad_settings_fail_clearly():
         MatchingNet(conv4(hidden=8), fce=True, fce_steps=0)
 
 
-def learning_run(learner, steps, lr=3e-3):
-    """Accuracy before and after `steps` meta-training steps, and the losses on the way."""
-    train, test = synthetic("train"), synthetic("test")
-    sampler = EpisodeSampler(train, 5, 1, 5, seed=0)
-    episodes = FixedEpisodes(test, 100, 5, 1, 5, seed=0)
-    learner.configure_optimizer(lr)
-    before = evaluate(learner, episodes)
-    losses = [float(learner.meta_train_step(sampler.sample(2))["loss"]) for _ in range(steps)]
-    return before, evaluate(learner, episodes), losses
-
-
 def loss_ratio(losses, window=20):
     """Mean loss of the last `window` steps over that of the first `window` steps."""
     return sum(losses[-window:]) / sum(losses[:window])
@@ -110,7 +97,7 @@ def loss_ratio(losses, window=20):
 def test_matching_learns_on_synthetic_glyphs():
     torch.manual_seed(0)
     # a small backbone (16 channels) keeps 200 steps cheap and leaves room above its random start
-    before, after, losses = learning_run(MatchingNet(conv4(hidden=16)), 200)
+    before, after, losses = learning_run(MatchingNet(conv4(hidden=16)), 200, 3e-3)
     # the paper's unscaled cosine caps P(true class) at e / (e + 4/e) = 0.65 in 5-way 1-shot, so
     # the loss can only fall from log 5 = 1.61 towards 0.43, and slowly. Measured over torch seeds
     # 0-4: about 1.39 -> 1.24, ratio 0.86-0.90; 20-step means vary by about 0.01-0.015
@@ -123,7 +110,7 @@ def test_matching_learns_on_synthetic_glyphs():
 def test_matching_with_fce_learns_on_synthetic_glyphs():
     torch.manual_seed(0)
     learner = MatchingNet(conv4(hidden=16), fce=True, fce_steps=2)
-    before, after, losses = learning_run(learner, 60)
+    before, after, losses = learning_run(learner, 60, 3e-3)
     # untrained (in eval mode), the random LSTM states swamp the small embeddings, so accuracy is
     # at chance; measured over seeds 0-4: loss ratio 0.83-0.87, accuracy 0.2 -> 0.77-0.81
     assert loss_ratio(losses) < 0.9, losses

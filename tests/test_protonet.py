@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import learning_run
 from torch import nn
 
 from metarun.algorithms import ProtoNet, conv4
-from metarun.data import EpisodeSampler, FixedEpisodes
-from metarun.data.synthetic import synthetic
-from metarun.runners.evaluate import evaluate, mean_ci95
+from metarun.runners.evaluate import mean_ci95
 
 
 @pytest.mark.parametrize("way,shot,query,batch", [(3, 2, 4, 5), (7, 1, 2, 2), (4, 5, 1, 3)])
@@ -40,14 +39,7 @@ def test_logits_are_negative_squared_distances_to_class_means():
 
 def test_protonet_learns_on_synthetic_glyphs():
     torch.manual_seed(0)
-    train, test = synthetic("train"), synthetic("test")
-    sampler = EpisodeSampler(train, 5, 1, 5, seed=0)
-    episodes = FixedEpisodes(test, 100, 5, 1, 5, seed=0)
-    learner = ProtoNet(conv4())
-    learner.configure_optimizer(1e-3)
-    before = evaluate(learner, episodes)
-    losses = [float(learner.meta_train_step(sampler.sample(2))["loss"]) for _ in range(60)]
-    after = evaluate(learner, episodes)
+    before, after, losses = learning_run(ProtoNet(conv4()), 60, 1e-3)
     assert sum(losses[-10:]) < 0.6 * sum(losses[:10])
     # random conv features already beat chance (0.2) on glyphs; training must add a clear margin
     # beyond both 95% intervals (about 0.05 each on 100 episodes)

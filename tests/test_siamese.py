@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import learning_run
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
 from metarun.algorithms import conv4
 from metarun.algorithms.siamese import Siamese, distort, sample_pairs
-from metarun.data import ConfigError, Episodes, EpisodeSampler, FixedEpisodes
-from metarun.data.synthetic import synthetic
+from metarun.data import ConfigError, Episodes
 from metarun.runners.build import build_learner
-from metarun.runners.evaluate import evaluate
 
 
 def labelled_episodes(batch: int, way: int, shot: int, query: int, size: int = 4) -> Episodes:
@@ -114,14 +113,8 @@ def test_bad_settings_raise_a_config_error():
 
 def test_siamese_learns_on_synthetic_glyphs():
     torch.manual_seed(0)
-    train, test = synthetic("train"), synthetic("test")
-    sampler = EpisodeSampler(train, 5, 1, 5, seed=0)
-    episodes = FixedEpisodes(test, 100, 5, 1, 5, seed=0)
     learner = Siamese(conv4(hidden=32))  # half the CPU time per step of a 64-channel conv4
-    learner.configure_optimizer(1e-3)
-    before = evaluate(learner, episodes)
-    losses = [float(learner.meta_train_step(sampler.sample(2))["loss"]) for _ in range(80)]
-    after = evaluate(learner, episodes)
+    before, after, losses = learning_run(learner, 80, 1e-3)
     # binary cross-entropy starts near log 2 = 0.69 and fell to ~0.55 (ratio ~0.81) when this
     # test was written; a 10-step mean of 64 pairs varies by ~0.02, so 0.9 leaves > 3 sigma
     assert sum(losses[-10:]) < 0.9 * sum(losses[:10])
