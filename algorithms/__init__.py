@@ -1,6 +1,6 @@
 """Meta-learners and backbones."""
 
-from .backbones import conv4, koch_siamese
+from .backbones import conv4, koch_siamese, mlp
 from .base import MetaLearner
 from .imaml import IMAML
 from .maml import MAML
@@ -21,4 +21,5 @@ __all__ = [
     "Siamese",
     "conv4",
     "koch_siamese",
+    "mlp",
 ]

@@ -92,6 +92,8 @@ class ChannelsLast(nn.Module):
     """[N, C, H, W] in any layout -> the same values in channels-last (NHWC) memory layout."""
 
     def forward(self, x):
+        if torch._C._functorch.is_functorch_wrapped_tensor(x):  # in vmap: vmap owns the layout
+            return x
         return x.contiguous(memory_format=torch.channels_last)
 
 
@@ -100,6 +102,22 @@ class MeanPool(nn.Module):
 
     def forward(self, x):
         return x.mean(dim=(-2, -1))
+
+
+def mlp(in_features: int = 1, hidden: tuple[int, ...] = (40, 40)) -> nn.Sequential:
+    """Fully connected layers with ReLU: the network of Finn et al. (2017) for sinusoid
+    regression has 2 hidden layers of 40. Input [N, in_features] -> [N, hidden[-1]]."""
+    hidden = tuple(int(h) for h in hidden)
+    if in_features < 1 or not hidden or min(hidden) < 1:
+        raise ConfigError(
+            f"mlp needs in_features >= 1 and positive hidden sizes, got {in_features}, {hidden}"
+        )
+    layers: list[nn.Module] = []
+    for a, b in zip((in_features, *hidden), hidden):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    net = nn.Sequential(*layers)
+    net.feature_shape = (hidden[-1],)
+    return net
 
 
 # (filters, kernel) of the four convolutions of Koch et al. (2015), Fig. 4

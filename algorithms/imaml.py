@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from metarun.data.episodes import Episodes
 from metarun.data.errors import ConfigError
 
-from .base import HeadLearner, infer_way, positive_ints
+from .base import HeadLearner, infer_way, metric_name, positive_ints, supervised_loss, task_scores
 
 
 def conjugate_gradient(
@@ -125,7 +124,7 @@ class IMAML(HeadLearner):
         names = [n for n, _ in self.named_parameters()]
         with self.autocast():
             logits = functional_call(self, dict(zip(names, params)), (x,))[:, :way]
-        return F.cross_entropy(logits.float(), y)
+        return supervised_loss(logits, y)
 
     def solve_inner(self, x, y, steps: int, way: int) -> list[torch.Tensor]:
         theta = [p.detach() for p in self.parameters()]
@@ -158,7 +157,7 @@ class IMAML(HeadLearner):
         way, b = episodes.way, episodes.batch_size
         params = list(self.parameters())
         meta_grads = [torch.zeros_like(p) for p in params]
-        losses, accs = [], []
+        losses, scores = [], []
         for sx, sy, qx, qy in zip(
             episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y
         ):
@@ -168,7 +167,7 @@ class IMAML(HeadLearner):
                 names = [n for n, _ in self.named_parameters()]
                 with self.autocast():
                     logits = functional_call(self, dict(zip(names, phi_q)), (qx,))[:, :way]
-                loss = F.cross_entropy(logits.float(), qy)
+                loss = supervised_loss(logits, qy)
                 query_grad = torch.autograd.grad(loss, phi_q)
             v = implicit_meta_gradient(
                 lambda p, sx=sx, sy=sy: self.task_loss(p, sx, sy, way),
@@ -181,9 +180,9 @@ class IMAML(HeadLearner):
             for acc_g, vi in zip(meta_grads, v):
                 acc_g += vi / b
             losses.append(loss.detach())
-            accs.append((logits.detach().argmax(-1) == qy).float().mean())
+            scores.append(task_scores(logits.detach()[None], qy[None])[0])
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, meta_grads):
             p.grad = g
         self.optimizer.step()
-        return {"loss": torch.stack(losses).mean(), "acc": torch.stack(accs)}
+        return {"loss": torch.stack(losses).mean(), metric_name(qy): torch.stack(scores)}

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from metarun.data.episodes import Episodes
 from metarun.data.errors import ConfigError
 
-from .base import HeadLearner, infer_way, positive_ints
+from .base import HeadLearner, infer_way, metric_name, positive_ints, supervised_loss, task_scores
 
 INNER_OPTIMIZERS = ("sgd", "adam")
 
@@ -87,7 +86,7 @@ class Reptile(HeadLearner):
                 p.requires_grad_(True)
             with self.autocast():
                 logits = functional_call(self, params, (x[idx],))[:, :way]
-            loss = F.cross_entropy(logits.float(), y[idx])
+            loss = supervised_loss(logits, y[idx])
             grads = torch.autograd.grad(loss, list(params.values()))
             with torch.no_grad():
                 params = {
@@ -122,7 +121,7 @@ class Reptile(HeadLearner):
         way = episodes.way
         theta = dict(self.named_parameters())
         deltas = {n: torch.zeros_like(p) for n, p in theta.items()}
-        losses, accs = [], []
+        losses, scores = [], []
         for sx, sy, qx, qy in zip(
             episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y
         ):
@@ -131,10 +130,10 @@ class Reptile(HeadLearner):
                 deltas[n] += (theta[n].detach() - phi[n]) / episodes.batch_size
             with torch.no_grad(), self.autocast():
                 logits = functional_call(self, phi, (qx,))[:, :way].float()
-            losses.append(F.cross_entropy(logits, qy))
-            accs.append((logits.argmax(-1) == qy).float().mean())
+            losses.append(supervised_loss(logits, qy))
+            scores.append(task_scores(logits[None], qy[None])[0])
         self.optimizer.zero_grad(set_to_none=True)
         for n, p in theta.items():
             p.grad = deltas[n]
         self.optimizer.step()
-        return {"loss": torch.stack(losses).mean(), "acc": torch.stack(accs)}
+        return {"loss": torch.stack(losses).mean(), metric_name(qy): torch.stack(scores)}

@@ -200,7 +200,26 @@ class FixedEpisodes:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def device(self) -> torch.device:
+        return self.store.device
+
     def batches(self, batch_size: int) -> Iterator[Episodes]:
         for start in range(0, self.n, batch_size):
             end = min(start + batch_size, self.n)
             yield gather(self.store, self.classes[start:end], self.samples[start:end], self.shot)
+
+
+def episode_sampler(store, way, shot, query, device="cpu", seed=0, split="", augment=None):
+    """The random-episode sampler for any store: a class store of images, or a task
+    distribution (e.g. sinusoid) that brings its own sampler."""
+    if hasattr(store, "episode_sampler"):
+        return store.episode_sampler(way, shot, query, device, seed, split, augment)
+    return EpisodeSampler(store, way, shot, query, device, seed, split, augment)
+
+
+def fixed_episodes(store, n, way, shot, query, seed=0, device="cpu", split=""):
+    """The fixed evaluation episodes for any store (see episode_sampler)."""
+    if hasattr(store, "fixed_episodes"):
+        return store.fixed_episodes(n, way, shot, query, seed, device, split)
+    return FixedEpisodes(store, n, way, shot, query, seed, device, split)

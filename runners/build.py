@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.algorithms.base import MetaLearner
@@ -17,7 +17,8 @@ from metarun.data.images import Preprocess
 from metarun.data.store import ClassStore
 
 # keys of a data config that describe the images rather than configure the loader
-DATA_META_KEYS = ("name", "channels", "invert", "augment")
+DATA_META_KEYS = ("name", "channels", "invert", "augment", "task", "inputs", "input_dim")
+BACKBONE_META_KEYS = ("name", "inputs")
 SPLITS = ("train", "val", "test")
 MODES = ("train", "test", "predict")
 
@@ -74,7 +75,7 @@ def without(node: DictConfig, keys) -> dict:
 
 def build_learner(cfg: DictConfig) -> MetaLearner:
     """The configured algorithm around the configured backbone."""
-    backbone = instantiate_clean(without(cfg.backbone, ("name",)))
+    backbone = instantiate_clean(without(cfg.backbone, BACKBONE_META_KEYS))
     return instantiate_clean(without(cfg.algo, ("name",)), backbone=backbone)
 
 
@@ -124,7 +125,30 @@ def validate(cfg: DictConfig) -> None:
             f"be scored on {cfg.eval.way}-way tasks; set eval.way <= {head}, or train with "
             f"way={cfg.eval.way}"
         )
+    check_learner_fits_data(cfg)
     if cfg.mode == "train" and not float(cfg.trainer.lr) > 0:
         raise ConfigError(f"trainer.lr must be positive, got {cfg.trainer.lr}")
     if cfg.trainer.amp not in ("off", "bf16", "fp16"):
         raise ConfigError(f"trainer.amp={cfg.trainer.amp!r}; choose off, bf16 or fp16")
+
+
+def check_learner_fits_data(cfg: DictConfig) -> None:
+    """Regression data needs a learner with an output head, and each backbone its inputs."""
+    data_inputs = cfg.data.get("inputs", "images")
+    backbone_inputs = cfg.backbone.get("inputs", "images")
+    if data_inputs != backbone_inputs:
+        hint = "backbone=mlp" if data_inputs == "vectors" else "an image backbone, e.g. conv4"
+        raise ConfigError(
+            f"data={cfg.data.name} gives {data_inputs} but backbone={cfg.backbone.name} takes "
+            f"{backbone_inputs}; use {hint}"
+        )
+    if cfg.data.get("task", "classification") == "regression":
+        try:
+            learner = get_class(cfg.algo._target_)
+        except Exception:  # an unknown target fails later, with Hydra's own message
+            return
+        if not getattr(learner, "supports_regression", False):
+            raise ConfigError(
+                f"algo={cfg.algo.name} is classification-only and data={cfg.data.name} is "
+                "regression; use algo=maml, fomaml, metasgd, anil, reptile or imaml"
+            )

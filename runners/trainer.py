@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metarun.data.episodes import EpisodeSampler, FixedEpisodes
+from metarun.data.episodes import episode_sampler, fixed_episodes
 from metarun.data.errors import ConfigError
 from metarun.runners import checkpoint
 from metarun.runners.build import build_learner, build_stores
-from metarun.runners.evaluate import evaluate
+from metarun.runners.evaluate import evaluate, higher_is_better
 from metarun.runners.logging import Progress, RunLogger
 
 log = logging.getLogger("metarun")
@@ -38,10 +38,10 @@ RESUME_MUST_MATCH = (
 )
 
 
-def eval_episodes(cfg: DictConfig, store, n: int, device, split: str) -> FixedEpisodes:
+def eval_episodes(cfg: DictConfig, store, n: int, device, split: str):
     """The fixed episodes every algorithm is scored on, in the evaluation shape."""
     e = cfg.eval
-    return FixedEpisodes(store, n, e.way, e.shot, e.query, seed=e.seed, device=device, split=split)
+    return fixed_episodes(store, n, e.way, e.shot, e.query, seed=e.seed, device=device, split=split)
 
 
 class Trainer:
@@ -50,7 +50,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         stores = build_stores(cfg.data)
         # every shape check happens here, before the first step
-        self.sampler = EpisodeSampler(
+        self.sampler = episode_sampler(
             stores["train"],
             cfg.way,
             cfg.shot,
@@ -74,7 +74,7 @@ class Trainer:
             tc.get("decay_every"),
             tc.get("decay_factor", 0.5),
         )
-        self.step, self.best_val, self.best_step, self.elapsed = 0, -1.0, 0, 0.0
+        self.step, self.best_val, self.best_step, self.elapsed = 0, -math.inf, 0, 0.0
         self.wandb_id = None
 
     # -- checkpoints ------------------------------------------------------------
@@ -155,9 +155,9 @@ class Trainer:
         save_best = False
         if step % tc.val_every == 0 or last:
             val = evaluate(self.learner, self.val, self.cfg.eval.batch)
-            row.update(val_acc=val["acc"], val_ci95=val["ci95"])
-            if val["acc"] > self.best_val:
-                self.best_val, self.best_step, save_best = val["acc"], step, True
+            row.update({f"val_{val['metric']}": val[val["metric"]], "val_ci95": val["ci95"]})
+            if higher_is_better(val) > self.best_val:  # best_val: accuracy, or minus the MSE
+                self.best_val, self.best_step, save_best = higher_is_better(val), step, True
         save_last = step % tc.ckpt_every == 0 or last
         if save_best or save_last:
             state = self.state()  # gathered once, after best_val is updated, for both files
@@ -174,16 +174,17 @@ class Trainer:
         best = checkpoint.load(self.ckpt_dir / "best.pt")
         self.learner.load_state_dict(best["model"])
         result = evaluate(self.learner, self.test_episodes, self.cfg.eval.batch)
+        metric = result["metric"]
         results = results_record(
             self.cfg,
             result,
             steps=self.step,
             seconds=self.elapsed,
-            best_val_acc=self.best_val,
             best_step=self.best_step,
+            **{f"best_val_{metric}": self.best_val if metric == "acc" else -self.best_val},
         )
         write_results(self.run_dir, results)
-        logger.summary({"test_acc": results["test_acc"], "ci95": results["ci95"]})
+        logger.summary({f"test_{metric}": results[f"test_{metric}"], "ci95": results["ci95"]})
         return results
 
 
@@ -235,8 +236,9 @@ def check_compatible(cfg: DictConfig, stored: DictConfig, path: str) -> None:
 
 
 def results_record(cfg: DictConfig, result: dict, **extra) -> dict:
+    metric = result["metric"]
     return {
-        "test_acc": result["acc"],
+        f"test_{metric}": result[metric],
         "ci95": result["ci95"],
         "episodes": result["episodes"],
         "way": cfg.eval.way,
@@ -253,6 +255,16 @@ def write_results(run_dir: Path, results: dict) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(path)
+    if "test_mse" in results:
+        log.info(
+            "test MSE %.4f ± %.4f (95%% CI, %d tasks of %d-shot regression) -> %s",
+            results["test_mse"],
+            results["ci95"],
+            results["episodes"],
+            results["shot"],
+            path,
+        )
+        return
     log.info(
         "test accuracy %.2f%% ± %.2f%% (95%% CI, %d episodes of %d-way %d-shot) -> %s",
         100 * results["test_acc"],

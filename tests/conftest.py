@@ -65,18 +65,33 @@ def run_cli(
     return proc
 
 
-def learning_run(learner, steps: int, lr: float, meta_batch: int = 2):
-    """Meta-train `learner` on synthetic 5-way 1-shot tasks (5 queries per class).
+def learning_run(learner, steps: int, lr: float, meta_batch: int = 2, train_shot: int = 1):
+    """Meta-train `learner` on synthetic 5-way tasks (train_shot shots, 5 queries per class).
 
-    Returns its accuracy on 100 fixed synthetic test episodes before and after
-    (`evaluate`'s dict: acc, ci95, episodes) and the loss of every step.
+    Returns its accuracy on 100 fixed synthetic 5-way 1-shot test episodes before
+    and after (`evaluate`'s dict: acc, ci95, episodes) and the loss of every step.
     """
     from metarun.data import EpisodeSampler, FixedEpisodes
     from metarun.data.synthetic import synthetic
+
+    sampler = EpisodeSampler(synthetic("train"), 5, train_shot, 5, seed=0)
+    episodes = FixedEpisodes(synthetic("test"), 100, 5, 1, 5, seed=0)
+    return train_and_score(learner, sampler, episodes, steps, lr, meta_batch)
+
+
+def regression_run(learner, steps: int, lr: float, meta_batch: int = 4):
+    """Meta-train `learner` on 10-shot sinusoid tasks; returns evaluate's dict (mse, ci95)
+    on 100 fixed test tasks before and after, and the loss of every step."""
+    from metarun.data.sinusoid import sinusoid
+
+    sampler = sinusoid("train").episode_sampler(1, 10, 10, "cpu", seed=0)
+    episodes = sinusoid("test").fixed_episodes(100, 1, 10, 10, seed=0)
+    return train_and_score(learner, sampler, episodes, steps, lr, meta_batch)
+
+
+def train_and_score(learner, sampler, episodes, steps: int, lr: float, meta_batch: int):
     from metarun.runners.evaluate import evaluate
 
-    sampler = EpisodeSampler(synthetic("train"), 5, 1, 5, seed=0)
-    episodes = FixedEpisodes(synthetic("test"), 100, 5, 1, 5, seed=0)
     learner.configure_optimizer(lr)
     before = evaluate(learner, episodes)
     losses = [

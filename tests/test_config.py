@@ -16,7 +16,12 @@ CONF = Path(metarun.conf.__file__).parent
 GROUPS = ("algo", "data", "backbone", "logger", "experiment")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 # options that need another setting to build with the default config
-NEEDS = {("backbone", "koch_siamese"): ["data.image_size=105"]}  # designed for 105x105 images
+NEEDS = {
+    ("backbone", "koch_siamese"): ["data.image_size=105"],  # designed for 105x105 images
+    # regression: a learner with an output head and a vector backbone
+    ("data", "sinusoid"): ["algo=maml", "backbone=mlp"],
+    ("backbone", "mlp"): ["algo=maml", "data=sinusoid"],
+}
 
 
 def compose_with(*overrides: str):
