@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_learner_step, bench_sampler
+from benchmarks import bench_learner_step, bench_maml, bench_sampler
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "outputs" / "bench" / "results.json"  # outputs/ is git-ignored
@@ -80,6 +80,26 @@ def row(r: dict) -> str:
             f"{r['x_vs_l2l_reference']:,.0f}x vs l2l ref {r['l2l_reference']:.0f}/s; "
             f">= {r['target_episodes_per_s']:,.0f}/s: {met}",
         )
+    elif r["benchmark"].startswith("maml_") and "l2l_reference" in r:
+        values = (
+            f"{r['metarun']:.2f} it/s ({r['auto_picks']}; loop {r['loop']:.2f}, "
+            f"vmap {r['vmap']:.2f})",
+            f"{r['baseline']:.2f} it/s (learn2learn-style)",
+            f"{r['ratio']:.2f}x",
+            f"{r['x_vs_l2l_reference']:.2f}x the l2l reference {r['l2l_reference']} it/s; "
+            f">= {r['target_x']}x: {met}",
+        )
+    elif r["benchmark"] == "maml_imaml_memory":
+        pairs = ", ".join(
+            f"{k}: {a:.0f} vs {b:.0f}"
+            for k, a, b in zip(r["inner_steps"], r["maml_mb"], r["imaml_mb"])
+        )
+        values = (
+            f"MB by inner steps, MAML vs iMAML: {pairs}",
+            "",
+            "",
+            f"iMAML flat: {met}",
+        )
     else:
         values = (
             f"{r['metarun']:,.1f} ms/step ({r['steps_per_s']:.2f} steps/s)",
@@ -101,6 +121,7 @@ def main() -> None:
     start = time.perf_counter()
     records = bench_sampler.run(args.device, args.quick, args.omniglot_root)
     records += bench_learner_step.run(args.device, args.quick)
+    records += bench_maml.run(args.device, args.quick)
     seconds = time.perf_counter() - start
 
     info = machine(device) | {"load_avg_1m_before": load_before}
