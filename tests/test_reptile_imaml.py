@@ -133,3 +133,25 @@ def test_imaml_learns_on_synthetic_glyphs():
     # 95% intervals of about 0.024 each, so the margins are wide
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10]), losses
     assert after["acc"] - after["ci95"] > before["acc"] + before["ci95"], (before, after)
+
+
+def test_reptile_learns_on_synthetic_glyphs():
+    """As in the paper's Omniglot runs, training tasks carry more shots (5) than the 1-shot
+    test; without them, 1-shot training tasks moved Reptile too little to show here."""
+    from metarun.algorithms import conv4
+
+    torch.manual_seed(0)
+    learner = Reptile(
+        conv4(hidden=16, variant="strided"),
+        way=5,
+        inner_steps=5,
+        inner_lr=0.1,
+        inner_optimizer="sgd",
+        inner_batch=10,
+        test_inner_steps=10,
+    )
+    before, after, losses = learning_run(learner, 150, 1.0, meta_batch=4, train_shot=5)
+    # measured at torch seed 0: query loss after adaptation 1.11 -> 0.24 (first/last 10
+    # steps), 1-shot test accuracy 0.57 -> 0.83 with 95% intervals of about 0.03
+    assert sum(losses[-10:]) < 0.5 * sum(losses[:10]), losses
+    assert after["acc"] - after["ci95"] > before["acc"] + before["ci95"], (before, after)
