@@ -112,17 +112,20 @@ class MAML(HeadLearner):
     def adapt_task(self, x, y, steps: int, way: int, create_graph: bool):
         """`steps` gradient steps on one task's support loss, from the initial weights."""
         params = {n: p for n, p in self.named_parameters() if n in self.fast_names}
-        lrs = list(self.inner_lrs) if self.inner_lrs is not None else None
         for _ in range(steps):
             with self.autocast():
                 logits = self.fast_forward(params, x)[:, :way]
             loss = supervised_loss(logits, y)
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
-            params = {
-                name: p - (self.inner_lr if lrs is None else lrs[i]) * g
-                for i, ((name, p), g) in enumerate(zip(params.items(), grads))
-            }
+            params = self.inner_step(params, dict(zip(params, grads)))
         return params
+
+    def inner_step(self, params: dict, grads: dict) -> dict:
+        """One gradient step on the fast weights: step size inner_lr, or Meta-SGD's own."""
+        if self.inner_lrs is None:
+            return {n: p - self.inner_lr * grads[n] for n, p in params.items()}
+        lrs = dict(zip(self.fast_names, self.inner_lrs))
+        return {n: p - lrs[n] * grads[n] for n, p in params.items()}
 
     def task_logits(self, sx, sy, qx, steps: int, way: int, create_graph: bool) -> torch.Tensor:
         if self.adapt == "head":  # ANIL: features once; only the head adapts
@@ -136,7 +139,6 @@ class MAML(HeadLearner):
         """All tasks at once: the per-task computation of task_logits under torch.func.vmap,
         with torch.func.grad for the inner gradients (the same values and meta-gradients)."""
         initial = {n: p for n, p in self.named_parameters() if n in self.fast_names}
-        lrs = dict(zip(self.fast_names, self.inner_lrs)) if self.inner_lrs is not None else None
 
         def one_task(sx, sy, qx):  # [ns, ...], [ns], [nq, ...]: one task's slice
             if self.adapt == "head":
@@ -152,10 +154,7 @@ class MAML(HeadLearner):
                 grads = torch.func.grad(support_loss)(params)
                 if not create_graph:  # first order: the inner gradients are constants
                     grads = {n: g.detach() for n, g in grads.items()}
-                params = {
-                    n: p - (self.inner_lr if lrs is None else lrs[n]) * grads[n]
-                    for n, p in params.items()
-                }
+                params = self.inner_step(params, grads)
             with self.autocast():
                 return self.fast_forward(params, qx)[:, :way]
 

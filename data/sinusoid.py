@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -96,7 +96,7 @@ class SinusoidSampler:
 
     def __init__(self, tasks: SinusoidTasks, way, shot, query, device="cpu", seed=0):
         check_regression_shape(way, shot, query)
-        self.tasks = SinusoidTasks(**{**tasks.__dict__, "device": torch.device(device)})
+        self.tasks = replace(tasks, device=torch.device(device))
         self.way, self.shot, self.query = way, shot, query
         self.generator = torch.Generator().manual_seed(seed + SPLIT_OFFSET[tasks.split])
 

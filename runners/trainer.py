@@ -156,8 +156,9 @@ class Trainer:
         if step % tc.val_every == 0 or last:
             val = evaluate(self.learner, self.val, self.cfg.eval.batch)
             row.update({f"val_{val['metric']}": val[val["metric"]], "val_ci95": val["ci95"]})
-            if higher_is_better(val) > self.best_val:  # best_val: accuracy, or minus the MSE
-                self.best_val, self.best_step, save_best = higher_is_better(val), step, True
+            score = higher_is_better(val)  # accuracy, or minus the MSE
+            if score > self.best_val:
+                self.best_val, self.best_step, save_best = score, step, True
         save_last = step % tc.ckpt_every == 0 or last
         if save_best or save_last:
             state = self.state()  # gathered once, after best_val is updated, for both files
