@@ -1,9 +1,10 @@
 """Meta-learners and backbones."""
 
-from .backbones import conv4, koch_siamese, mlp
+from .backbones import conv4, koch_siamese, mlp, pixels
 from .base import MetaLearner
 from .imaml import IMAML
 from .maml import MAML
+from .mann import MANN
 from .matching import MatchingNet
 from .protonet import ProtoNet
 from .relation import RelationNet
@@ -13,6 +14,7 @@ from .siamese import Siamese
 __all__ = [
     "IMAML",
     "MAML",
+    "MANN",
     "MatchingNet",
     "MetaLearner",
     "ProtoNet",
@@ -22,4 +24,5 @@ __all__ = [
     "conv4",
     "koch_siamese",
     "mlp",
+    "pixels",
 ]

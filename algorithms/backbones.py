@@ -120,6 +120,18 @@ def mlp(in_features: int = 1, hidden: tuple[int, ...] = (40, 40)) -> nn.Sequenti
     return net
 
 
+def pixels(in_channels: int = 1, image_size: int = 28) -> nn.Module:
+    """No learned encoder: each image becomes the vector of its pixels, [N, C, H, W] ->
+    [N, C*H*W] (MANN's input in Santoro et al. 2016, on 20x20 Omniglot images)."""
+    if in_channels < 1 or image_size < 1:
+        raise ConfigError(
+            f"pixels needs positive channels and image_size, got {in_channels}, {image_size}"
+        )
+    net = nn.Flatten()
+    net.feature_shape = (in_channels * image_size * image_size,)
+    return net
+
+
 # (filters, kernel) of the four convolutions of Koch et al. (2015), Fig. 4
 KOCH_CONVS = ((64, 10), (128, 7), (128, 4), (256, 4))
 

@@ -70,6 +70,11 @@ class MetaLearner(nn.Module):
             metric_name(episodes.query_y): task_scores(logits, episodes.query_y),
         }
 
+    def test_report(self, episodes, batch_size: int | None = None) -> dict:
+        """Extra figures for results.json after the standard test (e.g. MANN's accuracy by
+        instance); none by default."""
+        return {}
+
     # -- shared machinery ---------------------------------------------------
     def configure_optimizer(self, lr: float) -> torch.optim.Optimizer:
         self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)

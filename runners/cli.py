@@ -98,7 +98,13 @@ def test(cfg: DictConfig, run_dir: Path) -> dict:
         stored, build_store(stored.data, "test"), stored.eval.episodes, device, "test"
     )
     result = evaluate(learner, episodes, stored.eval.batch)
-    results = results_record(stored, result, steps=state["step"], ckpt=state["path"])
+    results = results_record(
+        stored,
+        result,
+        steps=state["step"],
+        ckpt=state["path"],
+        **learner.test_report(episodes, stored.eval.batch),
+    )
     write_results(run_dir, results)
     return results
 

@@ -183,9 +183,13 @@ class Trainer:
             seconds=self.elapsed,
             best_step=self.best_step,
             **{f"best_val_{metric}": self.best_val if metric == "acc" else -self.best_val},
+            **self.learner.test_report(self.test_episodes, self.cfg.eval.batch),
         )
         write_results(self.run_dir, results)
-        logger.summary({f"test_{metric}": results[f"test_{metric}"], "ci95": results["ci95"]})
+        summary = {f"test_{metric}": results[f"test_{metric}"], "ci95": results["ci95"]}
+        for k, acc in results.get("instance_acc", {}).items():  # MANN: accuracy by instance
+            summary[f"test_acc_inst{k}"] = acc
+        logger.summary(summary)
         return results
 
 

@@ -21,6 +21,9 @@ NEEDS = {
     # regression: a learner with an output head and a vector backbone
     ("data", "sinusoid"): ["algo=maml", "backbone=mlp"],
     ("backbone", "mlp"): ["algo=maml", "data=sinusoid"],
+    # no learned weights of its own: a learner around it has them
+    ("backbone", "pixels"): ["algo=mann"],
+    ("backbone", "for_mann"): ["algo=mann"],
 }
 
 
