@@ -260,33 +260,45 @@ class MANN(MetaLearner):
             cell.bias_ih + cell.bias_hh,
         )
 
-    def read_input_weight(self) -> torch.Tensor | None:
-        """The controller's input weights for r_{t-1} (taken once per sequence: a slice of a
-        parameter taken at every step would cost a parameter-sized gradient each time)."""
+    def step_weights(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The weights every step uses, assembled once per sequence (fewer, larger matrix
+        products per step; and a slice of a parameter taken at every step would cost a
+        parameter-sized gradient each time):
+        - recurrent [4H, H (+ R*W)]: the LSTM's weights on h_{t-1} (and on r_{t-1});
+        - heads [R*W + R (+ R), H] and its bias: the keys, the gates alpha (and the key
+          strengths) computed from h_t in one product."""
+        cell = self.controller
         if not self.use_memory:
-            return None
-        return self.controller.weight_ih[:, -self.heads * self.width :]
+            return cell.weight_hh, None, None
+        recurrent = torch.cat([cell.weight_hh, cell.weight_ih[:, -self.heads * self.width :]], 1)
+        layers = [self.key, self.gate] + ([self.strength] if self.key_strength else [])
+        return (
+            recurrent,
+            torch.cat([m.weight for m in layers]),
+            torch.cat([m.bias for m in layers]),
+        )
 
-    def step(
-        self, state: MemoryState, static: torch.Tensor, w_read: torch.Tensor | None
-    ) -> tuple[torch.Tensor, MemoryState]:
-        """One time step: static [B, 4H] from static_gates, w_read from read_input_weight ->
-        (outputs [B, L], next state). The LSTM cell is nn.LSTMCell's (its weights, and its
-        gate order: input, forget, cell, output)."""
-        gates = static + F.linear(state.h, self.controller.weight_hh)
-        if self.use_memory:
-            gates = gates + F.linear(state.reads, w_read)
+    def step(self, state: MemoryState, static: torch.Tensor, weights) -> tuple:
+        """One time step: static [B, 4H] from static_gates, weights from step_weights ->
+        (readout [h_t ; r_t] of shape [B, H + R*W] for the output layer, next state). The LSTM
+        cell is nn.LSTMCell's (its weights, and its gate order: input, forget, cell, output)."""
+        recurrent, heads, head_bias = weights
+        previous = torch.cat([state.h, state.reads], dim=-1) if self.use_memory else state.h
+        gates = static + F.linear(previous, recurrent)
         i, f, g, o = gates.chunk(4, dim=-1)
         c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         if self.use_memory:
-            keys = self.key(h).view(h.shape[0], self.heads, self.width)
-            strength = F.softplus(self.strength(h)) if self.key_strength else None
-            state = self.memory_step(state, keys, self.gate(h), strength)
+            n_keys = self.heads * self.width
+            emitted = F.linear(h, heads, head_bias)
+            keys = emitted[:, :n_keys].view(h.shape[0], self.heads, self.width)
+            alpha = emitted[:, n_keys : n_keys + self.heads]
+            strength = F.softplus(emitted[:, n_keys + self.heads :]) if self.key_strength else None
+            state = self.memory_step(state, keys, alpha, strength)
             state.h, state.c = h, c
         else:
             state = MemoryState(h=h, c=c, reads=state.reads)
-        return self.out(torch.cat([h, state.reads], dim=-1)), state
+        return torch.cat([h, state.reads], dim=-1), state
 
     def run(
         self, features: torch.Tensor, prev_labels: torch.Tensor, state: MemoryState | None = None
@@ -294,13 +306,13 @@ class MANN(MetaLearner):
         """A whole sequence: features [B, T, D], prev_labels [B, T, L] -> outputs [B, T, L]."""
         if state is None:
             state = self.initial_state(features.shape[0], features)
-        outputs, w_read = [], self.read_input_weight()
+        readouts, weights = [], self.step_weights()
         # unbind, not static[:, t]: the backward of one unbind is one stack, while each
         # slice's backward would fill and add a tensor of the whole sequence's size
         for static in self.static_gates(features, prev_labels).unbind(1):  # [B, 4H] per step
-            out, state = self.step(state, static, w_read)
-            outputs.append(out)
-        return torch.stack(outputs, dim=1), state
+            readout, state = self.step(state, static, weights)
+            readouts.append(readout)
+        return self.out(torch.stack(readouts, dim=1)), state  # the output layer, once
 
     # -- labels --------------------------------------------------------------------
     def label_codes(self, b: int, way: int, device, generator=None) -> torch.Tensor | None:
@@ -405,7 +417,8 @@ class MANN(MetaLearner):
             last = self.encode_labels(sy[:, -1:], codes)  # [B, 1, L]
             qf = self.embed(query_x).flatten(0, 1)  # [B*nq, D]
             static = self.static_gates(qf, last.expand(-1, n_query, -1).flatten(0, 1))
-            out, _ = self.step(state.expand(n_query), static, self.read_input_weight())
+            readout, _ = self.step(state.expand(n_query), static, self.step_weights())
+            out = self.out(readout)
         qcodes = None if codes is None else codes.repeat_interleave(n_query, dim=0)
         scores = self.class_scores(out.unsqueeze(1), qcodes, way)  # [B*nq, 1, way]
         return scores.view(b, n_query, way)
