@@ -59,9 +59,12 @@ def check_episode_shape(
             f"use way<={store.num_classes} or a data set with more classes."
         )
     if shot + query > store.min_samples:
+        smallest = int(store.counts.argmin()) if store.names else None
+        named = f" ({store.names[smallest]!r})" if smallest is not None else ""
         raise ConfigError(
             f"shot+query={shot + query} (shot={shot}, query={query}) is larger than the "
-            f"{store.min_samples} samples of the smallest class{where}; lower shot or query."
+            f"{store.min_samples} samples of the smallest class{named}{where}; lower shot or "
+            "query, or give that class more images."
         )
 
 

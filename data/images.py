@@ -45,7 +45,7 @@ def decode_image(
         with Image.open(raw) as img:
             img = img.convert("L" if prep.channels == 1 else "RGB")
             img = img.resize((prep.size, prep.size), Image.Resampling.LANCZOS)
-            arr = np.asarray(img, dtype=np.uint8)
+            arr = np.array(img, dtype=np.uint8)  # a writable copy
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(
             f"cannot decode image {label!r}: {err}. The file is corrupt or not an image; "

@@ -6,9 +6,11 @@ an algorithm's or data set's name.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.algorithms.base import MetaLearner
@@ -60,8 +62,16 @@ def instantiate_clean(node: dict, **kwargs):
 
 
 def build_store(data_cfg: DictConfig, split: str) -> ClassStore:
-    """Decode (or load from the cache) one split of the configured data set."""
-    return instantiate_clean(without(data_cfg, DATA_META_KEYS), split=split)
+    """Decode (or load from the cache) one split of the configured data set. Descriptive
+    keys (channels, invert, ...) go to the loader too when it takes them (data=folder
+    decodes with them; Omniglot's are fixed)."""
+    try:
+        takes = set(inspect.signature(get_method(data_cfg._target_)).parameters)
+    except Exception:  # an unknown target fails below, with Hydra's own message
+        takes = set()
+    return instantiate_clean(
+        without(data_cfg, [k for k in DATA_META_KEYS if k not in takes]), split=split
+    )
 
 
 def build_stores(data_cfg: DictConfig, splits=SPLITS) -> dict[str, ClassStore]:
