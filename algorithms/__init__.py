@@ -1,6 +1,6 @@
 """Meta-learners and backbones."""
 
-from .backbones import conv4, koch_siamese, mlp, pixels
+from .backbones import conv4, koch_siamese, mlp, pixels, resnet12
 from .base import MetaLearner
 from .imaml import IMAML
 from .maml import MAML
@@ -25,4 +25,5 @@ __all__ = [
     "koch_siamese",
     "mlp",
     "pixels",
+    "resnet12",
 ]

@@ -171,3 +171,59 @@ def koch_siamese(
     net = nn.Sequential(*layers, nn.Flatten(), fc, nn.Sigmoid())
     net.feature_shape = (features,)
     return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+class ResidualBlock(nn.Module):
+    """ResNet-12's block: three 3x3 conv-BN layers (leaky ReLU between them), a 1x1 conv-BN
+    shortcut, leaky ReLU after the sum, then 2x2 max-pooling."""
+
+    def __init__(self, c_in: int, c_out: int, slope: float = 0.1):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(3):
+            layers += [nn.Conv2d(c_in if i == 0 else c_out, c_out, 3, padding=1, bias=False)]
+            layers += [nn.BatchNorm2d(c_out)]
+            if i < 2:
+                layers.append(nn.LeakyReLU(slope))
+        self.body = nn.Sequential(*layers)
+        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+        self.out = nn.Sequential(nn.LeakyReLU(slope), nn.MaxPool2d(2))
+
+    def forward(self, x):
+        return self.out(self.body(x) + self.shortcut(x))
+
+
+def resnet12(
+    in_channels: int = 3,
+    channels: tuple[int, ...] = (64, 160, 320, 640),
+    image_size: int = 84,
+    pool: str = "avg",
+    slope: float = 0.1,
+    channels_last: bool = True,
+) -> nn.Sequential:
+    """ResNet-12 as in MetaOptNet (Lee et al. 2019) and TADAM (Oreshkin et al. 2018): four
+    residual blocks of three 3x3 convolutions with widths (64, 160, 320, 640) (TADAM:
+    (64, 128, 256, 512)), batch norm, leaky ReLU (slope 0.1), each block ending in 2x2
+    max-pooling; 84x84 inputs leave 5x5 maps. pool="avg" averages them into a vector of the
+    last width; pool="flatten" keeps all positions (MetaOptNet's 16000 features).
+    Not included: MetaOptNet's DropBlock regularisation.
+    Input [N, C, H, W] -> [N, *net.feature_shape]."""
+    channels = tuple(int(c) for c in channels)
+    if len(channels) != 4 or min(channels) < 1:
+        raise ConfigError(f"resnet12 needs four positive widths, got {channels}")
+    if pool not in ("avg", "flatten"):
+        raise ConfigError(f"resnet12 pool must be 'avg' or 'flatten', got {pool!r}")
+    side = image_size
+    for _ in range(4):
+        side //= 2
+    if side < 1:
+        raise ConfigError(f"image_size={image_size} is too small for resnet12 (needs >= 16)")
+    layers: list[nn.Module] = [ChannelsLast()] if channels_last else []
+    c_in = in_channels
+    for c in channels:
+        layers.append(ResidualBlock(c_in, c, slope))
+        c_in = c
+    layers.append(MeanPool() if pool == "avg" else nn.Flatten())
+    net = nn.Sequential(*layers)
+    net.feature_shape = (c_in,) if pool == "avg" else (c_in * side * side,)
+    return net.to(memory_format=torch.channels_last) if channels_last else net

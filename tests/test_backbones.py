@@ -60,3 +60,42 @@ def test_koch_encoder_matches_the_paper_on_105x105_images():
 def test_koch_encoder_refuses_small_images_and_names_the_fix():
     with pytest.raises(ConfigError, match="data.image_size=105"):
         koch_siamese(image_size=28)
+
+
+def test_resnet12_shapes_at_84_and_its_widths():
+    from metarun.algorithms.backbones import resnet12
+
+    net = resnet12(3, (4, 6, 8, 10), image_size=84, pool="flatten").eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, 3, 84, 84))
+    assert net.feature_shape == (10 * 5 * 5,) and out.shape == (2, 250)
+    avg = resnet12(1, (4, 6, 8, 10), image_size=32)
+    assert avg.feature_shape == (10,) and avg(torch.rand(3, 1, 32, 32)).shape == (3, 10)
+    full = resnet12()
+    widths = [m.out_channels for m in full.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths[:4] == [64, 64, 64, 64] and widths[-1] == 640  # 3 convs + shortcut per block
+    assert full.feature_shape == (640,)
+    with pytest.raises(ConfigError, match="too small"):
+        resnet12(image_size=8)
+    with pytest.raises(ConfigError, match="pool"):
+        resnet12(pool="max")
+
+
+def test_every_learner_family_runs_on_resnet12():
+    from metarun.algorithms import MAML, ProtoNet, resnet12
+    from metarun.data import Episodes
+
+    ep = Episodes(
+        torch.rand(2, 3, 3, 16, 16),
+        torch.arange(3).repeat(2, 1),
+        torch.rand(2, 6, 3, 16, 16),
+        torch.arange(3).repeat_interleave(2).repeat(2, 1),
+        torch.arange(3).repeat(2, 1),
+    )
+    for learner in (
+        ProtoNet(resnet12(3, (4, 4, 8, 8), image_size=16)),
+        MAML(resnet12(3, (4, 4, 8, 8), image_size=16), way=3, inner_lr=0.1),
+    ):
+        learner.configure_optimizer(1e-3)
+        metrics = learner.meta_train_step(ep)
+        assert torch.isfinite(metrics["loss"])
