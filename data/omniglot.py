@@ -13,12 +13,8 @@ Rotations are not decoded: the split's `ClassStore` derives them by index.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
-import shutil
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -26,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .download import fetch
 from .errors import ConfigError, DataError
 from .images import Preprocess, decode_image
 from .store import ClassStore, cache_dir, cached_store
@@ -389,32 +386,5 @@ def _missing_message(folder: Path, missing: Sequence[str], reason: str) -> str:
 
 
 def _download(folder: Path, name: str, missing: Sequence[str]) -> None:
-    """Fetch one archive into a temp file, check its md5, then move it into place."""
-    url, target = _url(name), folder / name
-    tmp = folder / f".{name}.{os.getpid()}.part"  # renamed only when complete and verified
-    log.info("downloading %s to %s", url, target)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as out:
-            shutil.copyfileobj(response, out, length=1 << 20)
-    except (urllib.error.URLError, OSError) as err:
-        tmp.unlink(missing_ok=True)
-        raise DataError(
-            _missing_message(folder, missing, f"downloading {url} failed: {err}")
-        ) from err
-    actual, expected = _md5(tmp), MD5.get(name)
-    if expected is not None and actual != expected:
-        tmp.unlink()
-        raise DataError(
-            f"downloaded {name} from {url} has md5 {actual}, expected {expected}; the file was "
-            f"discarded. Try again, or fetch it by hand into {folder} (data.root=)."
-        )
-    os.replace(tmp, target)
-
-
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """Fetch one archive (md5-checked, moved into place only when complete)."""
+    fetch(_url(name), folder / name, MD5.get(name), lambda r: _missing_message(folder, missing, r))

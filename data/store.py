@@ -129,6 +129,17 @@ def pixel_permutations(side: int, rotations: int, device: str) -> torch.Tensor:
     )
 
 
+def resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> uint8 [N, C, size, size] (antialiased bilinear), in chunks."""
+    out = []
+    for chunk in images.split(256):
+        x = torch.nn.functional.interpolate(
+            chunk.float(), size=(size, size), mode="bilinear", antialias=True
+        )
+        out.append(x.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out) if out else images
+
+
 # ---------------------------------------------------------------- disk cache
 
 

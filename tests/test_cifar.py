@@ -1,0 +1,214 @@
+"""data=cifarfs and data=fc100 from a tiny stand-in for the official CIFAR-100 archive."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+import metarun.data.cifar as cifar
+from metarun.data import DataError
+from metarun.data.cifar import CIFAR_FS, FC100, cifar_fs, fc100
+
+# CIFAR-100's fine label names in label order, and each one's superclass index
+FINE = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
+    "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch "
+    "crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house "
+    "kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle "
+    "mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree "
+    "plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew "
+    "skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank "
+    "telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf "
+    "woman worm"
+).split()
+COARSE = [
+    4,
+    1,
+    14,
+    8,
+    0,
+    6,
+    7,
+    7,
+    18,
+    3,
+    3,
+    14,
+    9,
+    18,
+    7,
+    11,
+    3,
+    9,
+    7,
+    11,
+    6,
+    11,
+    5,
+    10,
+    7,
+    6,
+    13,
+    15,
+    3,
+    15,
+    0,
+    11,
+    1,
+    10,
+    12,
+    14,
+    16,
+    9,
+    11,
+    5,
+    5,
+    19,
+    8,
+    8,
+    15,
+    13,
+    14,
+    17,
+    18,
+    10,
+    16,
+    4,
+    17,
+    4,
+    2,
+    0,
+    17,
+    4,
+    18,
+    17,
+    10,
+    3,
+    2,
+    12,
+    12,
+    16,
+    12,
+    1,
+    9,
+    19,
+    2,
+    10,
+    0,
+    1,
+    16,
+    12,
+    9,
+    13,
+    15,
+    13,
+    16,
+    19,
+    2,
+    4,
+    6,
+    19,
+    5,
+    5,
+    8,
+    19,
+    18,
+    1,
+    2,
+    15,
+    6,
+    0,
+    17,
+    8,
+    14,
+    13,
+]
+
+
+def fake_archive(path, per_class=(2, 1)):
+    """cifar-100-python.tar.gz with `per_class` train/test images per class: pixel value
+    = class label, so every image tells where it came from."""
+    tar_bytes = io.BytesIO()
+    with tarfile.open(fileobj=tar_bytes, mode="w:gz") as tar:
+
+        def add(name, obj):
+            blob = pickle.dumps(obj)
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+        add("meta", {"fine_label_names": FINE, "coarse_label_names": [f"s{i}" for i in range(20)]})
+        for part, n in zip(("train", "test"), per_class):
+            labels = [c for c in range(100) for _ in range(n)]
+            data = np.repeat(np.array(labels, dtype=np.uint8)[:, None], 3072, axis=1)
+            add(
+                part,
+                {"data": data, "fine_labels": labels, "coarse_labels": [COARSE[c] for c in labels]},
+            )
+    path.write_bytes(tar_bytes.getvalue())
+    return path
+
+
+@pytest.fixture
+def root(tmp_path):
+    fake_archive(tmp_path / "cifar-100-python.tar.gz")
+    return tmp_path
+
+
+def test_split_lists_are_64_16_20_disjoint_cifar100_classes():
+    sets = [set(CIFAR_FS[s]) for s in ("train", "val", "test")]
+    assert [len(x) for x in sets] == [64, 16, 20]
+    assert sets[0] | sets[1] | sets[2] == set(FINE)
+    fc = [set(FC100[s]) for s in ("train", "val", "test")]
+    assert [len(x) for x in fc] == [12, 4, 4] and fc[0] | fc[1] | fc[2] == set(range(20))
+
+
+def test_cifar_fs_splits(root):
+    for split, n in (("train", 64), ("val", 16), ("test", 20)):
+        store = cifar_fs(root, split, download=False)
+        assert store.names == CIFAR_FS[split] and store.counts.tolist() == [3] * n
+        assert store.image_shape == (3, 32, 32) and store.images.dtype == torch.uint8
+        # every image of a class carries that class's label as its pixel value
+        for i, name in enumerate(store.names):
+            assert (store.class_images(i) == FINE.index(name)).all()
+
+
+def test_fc100_splits_by_superclass(root):
+    seen = set()
+    for split, n in (("train", 60), ("val", 20), ("test", 20)):
+        store = fc100(root, split, download=False)
+        assert store.num_classes == n and not seen & set(store.names)
+        seen |= set(store.names)
+        assert {COARSE[FINE.index(c)] for c in store.names} == set(FC100[split])
+    assert seen == set(FINE)
+
+
+def test_resize_and_extracted_folder(tmp_path):
+    archive = fake_archive(tmp_path / "a.tar.gz")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "x", filter="data")
+    store = cifar_fs(tmp_path / "x", "val", download=False, image_size=8)
+    assert store.image_shape == (3, 8, 8)
+
+
+def test_download_with_md5_and_errors(tmp_path, monkeypatch):
+    served = fake_archive(tmp_path / "served.tar.gz")
+    monkeypatch.setattr(cifar, "URL", served.as_uri())
+    with pytest.raises(DataError, match="md5"):  # the real checksum does not match the stand-in
+        cifar_fs(tmp_path / "r1", "test")
+    assert not any((tmp_path / "r1").iterdir())  # nothing half-written left
+    monkeypatch.setattr(cifar, "MD5", hashlib.md5(served.read_bytes()).hexdigest())
+    assert cifar_fs(tmp_path / "r1", "test").num_classes == 20
+    with pytest.raises(DataError, match="data.download=false"):
+        fc100(tmp_path / "empty", "test", download=False)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "cifar-100-python.tar.gz").write_bytes(served.read_bytes()[:500])
+    with pytest.raises(DataError, match="corrupt or incomplete"):
+        fc100(bad, "train", download=False)
