@@ -1,0 +1,66 @@
+"""data=cub: Chen et al.'s 100/50/50 split from the tarball or the extracted folder."""
+
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from metarun.data import ConfigError, DataError
+from metarun.data.cub import cub, split_of
+
+
+def make_cub(base, per_class=2):
+    rng = np.random.default_rng(0)
+    images = base / "CUB_200_2011" / "images"
+    for i in range(1, 201):
+        d = images / f"{i:03d}.Species_{i}"
+        d.mkdir(parents=True)
+        for k in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)).save(
+                d / f"bird_{i}_{k}.jpg"
+            )
+    return base
+
+
+@pytest.fixture(scope="module")
+def cub_root(tmp_path_factory):
+    return make_cub(tmp_path_factory.mktemp("cub"))
+
+
+def test_chen_split_rule():
+    splits = [split_of(i) for i in range(200)]
+    assert [splits.count(s) for s in ("train", "val", "test")] == [100, 50, 50]
+    assert splits[:4] == ["train", "val", "train", "test"]
+
+
+def test_splits_from_the_folder_and_the_tarball_agree(cub_root, tmp_path):
+    stores = {s: cub(cub_root, s, image_size=6) for s in ("train", "val", "test")}
+    assert [stores[s].num_classes for s in ("train", "val", "test")] == [100, 50, 50]
+    assert stores["val"].names[0] == "002.Species_2" and stores["test"].names[0] == "004.Species_4"
+    assert stores["train"].image_shape == (3, 6, 6) and stores["train"].counts.tolist() == [2] * 100
+    tgz = tmp_path / "t"
+    tgz.mkdir()
+    with tarfile.open(tgz / "CUB_200_2011.tgz", "w:gz") as tar:
+        tar.add(cub_root / "CUB_200_2011", arcname="CUB_200_2011")
+    from_tar = cub(tgz, "test", image_size=6)
+    assert from_tar.names == stores["test"].names
+    assert torch.equal(from_tar.images, stores["test"].images)
+
+
+def test_errors(tmp_path, cub_root):
+    with pytest.raises(ConfigError, match="data.root"):
+        cub(None)
+    with pytest.raises(DataError, match="CUB_200_2011.tgz"):
+        cub(tmp_path, "train")
+    partial = tmp_path / "partial" / "CUB_200_2011" / "images" / "001.A"
+    partial.mkdir(parents=True)
+    with pytest.raises(DataError, match="1 class folders"):
+        cub(tmp_path / "partial", "train")
+    (tmp_path / "trunc").mkdir()
+    (tmp_path / "trunc" / "CUB_200_2011.tgz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        cub(tmp_path / "trunc", "train")
