@@ -99,3 +99,32 @@ def test_every_learner_family_runs_on_resnet12():
         learner.configure_optimizer(1e-3)
         metrics = learner.meta_train_step(ep)
         assert torch.isfinite(metrics["loss"])
+
+
+@pytest.mark.parametrize(
+    "algo",
+    ["protonet", "siamese", "matching", "relation", "maml", "anil", "reptile", "imaml", "mann"],
+)
+def test_every_learner_trains_and_predicts_on_resnet12(algo):
+    from test_config import compose_with
+
+    from metarun.data import Episodes
+    from metarun.runners.build import build_learner
+
+    cfg = compose_with(
+        f"algo={algo}", "backbone=resnet12", "backbone.channels=[4,4,8,8]", "data.image_size=16"
+    )
+    torch.manual_seed(0)
+    learner = build_learner(cfg)
+    learner.configure_optimizer(1e-3)
+    ep = Episodes(
+        torch.rand(2, 5, 1, 16, 16),
+        torch.arange(5).repeat(2, 1),
+        torch.rand(2, 10, 1, 16, 16),
+        torch.arange(5).repeat(2).repeat(2, 1),
+        torch.arange(5).repeat(2, 1),
+    )
+    assert torch.isfinite(learner.meta_train_step(ep)["loss"])
+    with torch.no_grad():
+        logits = learner.eval().predict(ep.support_x, ep.support_y, ep.query_x, 5)
+    assert logits.shape == (2, 10, 5)

@@ -212,3 +212,14 @@ def test_download_with_md5_and_errors(tmp_path, monkeypatch):
     (bad / "cifar-100-python.tar.gz").write_bytes(served.read_bytes()[:500])
     with pytest.raises(DataError, match="corrupt or incomplete"):
         fc100(bad, "train", download=False)
+
+
+def test_second_load_reads_the_cache(root, monkeypatch):
+    first = fc100(root, "val", download=False)
+
+    def refuse(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(cifar, "_decode", refuse)
+    again = fc100(root, "val", download=False)
+    assert torch.equal(first.images, again.images) and first.names == again.names

@@ -64,3 +64,15 @@ def test_errors(tmp_path, cub_root):
     (tmp_path / "trunc" / "CUB_200_2011.tgz").write_bytes(b"\x1f\x8b\x08\x00garbage")
     with pytest.raises(DataError, match="corrupt or truncated"):
         cub(tmp_path / "trunc", "train")
+
+
+def test_second_load_reads_the_cache(cub_root, monkeypatch):
+    import metarun.data.cub as mod
+
+    first = cub(cub_root, "val", image_size=5)
+
+    def refuse(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(mod, "decode_image", refuse)
+    assert torch.equal(cub(cub_root, "val", image_size=5).images, first.images)
