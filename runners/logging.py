@@ -45,11 +45,14 @@ class RunLogger:
         """Drop lines logged after the checkpoint we resume from: they will be logged again."""
         if not self.path.exists():
             return
-        keep = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill mid-write
+                continue
+            if row.get("step", 0) <= step:
+                keep.append(line)
         self.path.write_text("".join(line + "\n" for line in keep))
 
     def _start_wandb(self, cfg: DictConfig, wandb_id: str | None):

@@ -159,6 +159,8 @@ class Trainer:
             score = higher_is_better(val)  # accuracy, or minus the MSE
             if score > self.best_val:
                 self.best_val, self.best_step, save_best = score, step, True
+        if row:  # before the checkpoint: a checkpoint at step N implies its metrics are written
+            logger.log(step, row)
         save_last = step % tc.ckpt_every == 0 or last
         if save_best or save_last:
             state = self.state()  # gathered once, after best_val is updated, for both files
@@ -166,8 +168,6 @@ class Trainer:
                 checkpoint.save_atomic(state, self.ckpt_dir / "best.pt")
             if save_last:
                 checkpoint.save_atomic(state, self.ckpt_dir / "last.pt")
-        if row:
-            logger.log(step, row)
         return row or None
 
     def test(self, logger: RunLogger) -> dict:
