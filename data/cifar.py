@@ -21,15 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .download import fetch
-from .errors import ConfigError, DataError
-from .store import ClassStore, cached_store, resize
+from .download import download_root, fetch
+from .errors import DataError
+from .store import ClassStore, cached_store, check_split_args, resize
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE = "cifar-100-python.tar.gz"
 FOLDER = "cifar-100-python"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
-SPLITS = ("train", "val", "test")
 
 CIFAR_FS = {
     "train": (
@@ -86,13 +85,8 @@ def fc100(
 
 def _check_and_load(root, split: str, download: bool, image_size: int):
     """All 100 classes (named by their fine label) and each class's superclass index."""
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"data.image_size must be a positive integer, got {image_size!r}")
-    if root is None:
-        root = os.environ.get("METARUN_DATA") or Path.home() / ".cache" / "metarun" / "data"
-    folder = Path(root).expanduser()
+    check_split_args(split, image_size)
+    folder = download_root(root)
     source = _find(folder)
     if source is None:
         explain = lambda reason: (  # noqa: E731

@@ -21,9 +21,8 @@ import torch
 
 from .errors import ConfigError, DataError
 from .images import IMAGE_SUFFIXES, Preprocess, decode_image
-from .store import ClassStore, cached_store
+from .store import ClassStore, cached_store, check_split_args
 
-SPLITS = ("train", "val", "test")
 TARBALL, FOLDER = "CUB_200_2011.tgz", "CUB_200_2011"
 WHERE = (
     f"{TARBALL} (from the Caltech data repository, data.caltech.edu record 65de6-vp158) or "
@@ -46,10 +45,7 @@ def cub(
     rotations: int = 1,
 ) -> ClassStore:
     """One split of CUB-200-2011 (100 / 50 / 50 classes)."""
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"data.image_size must be a positive integer, got {image_size!r}")
+    check_split_args(split, image_size, rotations)
     if root is None:
         raise ConfigError(f"data=cub needs data.root=DIR holding {WHERE}")
     base = Path(root).expanduser()

@@ -17,6 +17,14 @@ from .errors import DataError
 log = logging.getLogger(__name__)
 
 
+def download_root(root: str | os.PathLike | None) -> Path:
+    """Where a downloadable data set lives: `root`, else $METARUN_DATA, else
+    ~/.cache/metarun/data."""
+    if root is None:
+        root = os.environ.get("METARUN_DATA") or Path.home() / ".cache" / "metarun" / "data"
+    return Path(root).expanduser()
+
+
 def fetch(url: str, target: Path, md5: str | None, explain: Callable[[str], str]) -> None:
     """Download `url` to `target`. On a network failure the DataError says explain(reason)
     (what is missing and where to get it); an md5 mismatch discards the file."""

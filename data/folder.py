@@ -25,9 +25,8 @@ import torch
 
 from .errors import ConfigError, DataError
 from .images import Preprocess, decode_image, list_images
-from .store import ClassStore, cached_store
+from .store import SPLITS, ClassStore, cached_store, check_split_args
 
-SPLITS = ("train", "val", "test")
 LAYOUT = "root/<class name>/<image files>"
 
 
@@ -44,10 +43,7 @@ def folder(
     rotations: int = 1,
 ) -> ClassStore:
     """One split of the class folders under `root` (see the module docstring)."""
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"data.image_size must be a positive integer, got {image_size!r}")
+    check_split_args(split, image_size, rotations)
     if channels not in (1, 3):
         raise ConfigError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
     base = resolve_root(root)

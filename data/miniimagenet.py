@@ -28,9 +28,8 @@ import torch
 
 from .errors import ConfigError, DataError
 from .images import Preprocess, decode_image
-from .store import ClassStore, cached_store, resize
+from .store import ClassStore, cached_store, check_split_args, resize
 
-SPLITS = ("train", "val", "test")
 PICKLE = "mini-imagenet-cache-{split}.pkl"
 FORMS = (
     "either images/ with train.csv, val.csv, test.csv (filename,label; from "
@@ -47,10 +46,7 @@ def miniimagenet(
     rotations: int = 1,
 ) -> ClassStore:
     """One split of miniImageNet from `root` (see the module docstring for the forms)."""
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"data.image_size must be a positive integer, got {image_size!r}")
+    check_split_args(split, image_size, rotations)
     if root is None:
         raise ConfigError(f"data=miniimagenet needs data.root=DIR holding {FORMS}")
     base = Path(root).expanduser()

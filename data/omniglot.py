@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .download import fetch
+from .download import download_root, fetch
 from .errors import ConfigError, DataError
 from .images import Preprocess, decode_image
-from .store import ClassStore, cache_dir, cached_store
+from .store import SPLITS, ClassStore, cache_dir, cached_store, check_split_args
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,6 @@ MD5 = {
 BACKGROUND, EVALUATION = "images_background.zip", "images_evaluation.zip"
 SMALL_ARCHIVES = ("images_background_small1.zip", "images_background_small2.zip")
 
-SPLITS = ("train", "val", "test")
 SPLIT_BY = ("alphabet", "character")
 # Five background alphabets held out for validation when splitting the full set by alphabet.
 DEFAULT_VAL_ALPHABETS = ("Bengali", "Futurama", "Hebrew", "Korean", "Tifinagh")
@@ -75,9 +74,9 @@ def omniglot(
     split_by="character": all characters of both archives, shuffled by `seed`,
     cut into `character_split` = (n_train, n_val, n_test) characters.
     """
-    _check_args(split, rotations, image_size)
+    check_split_args(split, image_size, rotations)
     _check_choice("split_by", split_by, SPLIT_BY)
-    folder = _resolve_root(root)
+    folder = download_root(root)
     if split_by == "character":
         store = _union(_load(folder, (BACKGROUND, EVALUATION), download, image_size))
         ids = _character_split(store.n_base, character_split, seed)[split]
@@ -107,8 +106,8 @@ def omniglot_small(
 
     Greek and Latin are in both archives with identical files and count once.
     """
-    _check_args(split, rotations, image_size)
-    store = _union(_load(_resolve_root(root), SMALL_ARCHIVES, download, image_size))
+    check_split_args(split, image_size, rotations)
+    store = _union(_load(download_root(root), SMALL_ARCHIVES, download, image_size))
     keep = set(SMALL_SPLITS[split])
     ids = [i for i, name in enumerate(store.names) if _alphabet(name) in keep]
     return _cut(
@@ -122,21 +121,6 @@ def omniglot_small(
 def _check_choice(what: str, value, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ConfigError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-
-
-def _check_args(split: str, rotations: int, image_size: int) -> None:
-    _check_choice("split", split, SPLITS)
-    if rotations not in (1, 2, 4):
-        raise ConfigError(f"rotations must be 1, 2 or 4, got {rotations!r}")
-    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
-        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
-
-
-def _resolve_root(root: str | os.PathLike | None) -> Path:
-    """`root`, else $METARUN_DATA, else ~/.cache/metarun/data."""
-    if root is None:
-        root = os.environ.get("METARUN_DATA") or Path.home() / ".cache" / "metarun" / "data"
-    return Path(root).expanduser()
 
 
 def _alphabet(name: str) -> str:

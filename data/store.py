@@ -21,6 +21,19 @@ import torch
 
 from .errors import ConfigError
 
+SPLITS = ("train", "val", "test")
+
+
+def check_split_args(split: str, image_size: int, rotations: int = 1) -> None:
+    """The arguments every data set's loader takes: a split name, a positive image size
+    and a rotation count; a ConfigError naming the bad one."""
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(map(repr, SPLITS))}; got {split!r}")
+    if rotations not in (1, 2, 4):
+        raise ConfigError(f"rotations must be 1, 2 or 4, got {rotations!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"data.image_size must be a positive integer, got {image_size!r}")
+
 
 @dataclass
 class ClassStore:

@@ -29,9 +29,8 @@ import torch
 
 from .errors import ConfigError, DataError
 from .images import Preprocess, decode_image, list_images
-from .store import ClassStore, cache_dir, cache_key, resize
+from .store import ClassStore, cache_dir, cache_key, check_split_args, resize
 
-SPLITS = ("train", "val", "test")
 FORMS = (
     "{split}_images_png.pkl with {split}_labels.pkl (Ren et al.'s release), "
     "{split}_images.npz with {split}_labels.pkl, or a folder {split}/<class>/<images>"
@@ -46,10 +45,7 @@ def tiered_imagenet(
     rotations: int = 1,
 ) -> ClassStore:
     """One split of tieredImageNet, memory-mapped from the decoded cache."""
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"data.image_size must be a positive integer, got {image_size!r}")
+    check_split_args(split, image_size, rotations)
     if root is None:
         raise ConfigError(f"data=tieredimagenet needs data.root=DIR holding {FORMS}")
     base = Path(root).expanduser()
