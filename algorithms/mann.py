@@ -384,9 +384,7 @@ class MANN(MetaLearner):
         self.check_way(way)
         x = torch.cat([episodes.support_x, episodes.query_x], dim=1)
         y = torch.cat([episodes.support_y, episodes.query_y], dim=1)
-        order = torch.rand(y.shape, device=y.device).argsort(-1)  # a fresh order per task
-        x = torch.gather(x, 1, order.view(*order.shape, *[1] * (x.dim() - 2)).expand_as(x))
-        y = torch.gather(y, 1, order)
+        x, y = shuffled(x, y)  # a fresh order per task
         scores, _ = self.sequence_scores(x, y, way)
         loss = self.sequence_loss(scores, y)
         self.optimizer_step(loss)
@@ -400,16 +398,10 @@ class MANN(MetaLearner):
     def predict(self, support_x, support_y, query_x, way=None):
         way = infer_way(support_y, way)
         self.check_way(way)
-        b, n_support, n_query = support_x.shape[0], support_x.shape[1], query_x.shape[1]
+        b, n_query = support_x.shape[0], query_x.shape[1]
         # a shuffled support order that is the same on every call (evaluation is repeatable)
         gen = torch.Generator().manual_seed(0)
-        order = torch.rand(b, n_support, generator=gen).argsort(-1).to(support_y.device)
-        sx = torch.gather(
-            support_x,
-            1,
-            order.view(b, n_support, *[1] * (support_x.dim() - 2)).expand_as(support_x),
-        )
-        sy = torch.gather(support_y, 1, order)
+        sx, sy = shuffled(support_x, support_y, gen)
         codes = self.label_codes(b, way, support_x.device, gen)
         with self.autocast():
             _, state = self.run(self.embed(sx), self.shifted(sy, codes))
@@ -437,9 +429,7 @@ class MANN(MetaLearner):
         for batch in episodes.batches(batch_size or 32):
             x = torch.cat([batch.support_x, batch.query_x], dim=1)
             y = torch.cat([batch.support_y, batch.query_y], dim=1)
-            order = torch.rand(y.shape, generator=gen).argsort(-1).to(y.device)
-            x = torch.gather(x, 1, order.view(*order.shape, *[1] * (x.dim() - 2)).expand_as(x))
-            y = torch.gather(y, 1, order)
+            x, y = shuffled(x, y, gen)
             scores, _ = self.sequence_scores(x, y, batch.way, gen)
             correct = (scores.argmax(-1) == y).float()
             instance = instance_numbers(y, batch.way)
@@ -454,6 +444,18 @@ class MANN(MetaLearner):
         for k, values in per_k.items():
             acc[str(k)], ci[str(k)] = mean_ci95(torch.cat(values).cpu())
         return {"instance_acc": acc, "instance_ci95": ci}
+
+
+def shuffled(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
+    """Each task's items x [B, T, ...] and labels y [B, T] in a random order of its own:
+    from `generator` (on the CPU, so repeatable on any device) or the global RNG on y's
+    device."""
+    if generator is None:
+        order = torch.rand(y.shape, device=y.device).argsort(-1)
+    else:
+        order = torch.rand(y.shape, generator=generator).argsort(-1).to(y.device)
+    index = order.view(*order.shape, *[1] * (x.dim() - 2)).expand_as(x)
+    return torch.gather(x, 1, index), torch.gather(y, 1, order)
 
 
 def instance_numbers(y: torch.Tensor, way: int) -> torch.Tensor:
