@@ -49,8 +49,8 @@ class MAML(HeadLearner):
     with torch.func.vmap (batched weights become grouped convolutions); "auto" picks
     from measurements (see use_vmap and make bench). Both give the same meta-gradients.
 
-    predict adapts with `test_inner_steps` in eval mode and `inner_steps` in
-    training mode. Evaluation runs under torch.no_grad; the adaptation turns
+    predict adapts with `test_inner_steps` at step size `test_inner_lr` (default:
+    inner_lr) in eval mode and `inner_steps` at `inner_lr` in training mode. Evaluation runs under torch.no_grad; the adaptation turns
     gradients back on for itself and returns detached logits.
     """
 
@@ -68,6 +68,7 @@ class MAML(HeadLearner):
         adapt: str = "all",
         batch_norm: str = "transductive",
         batched: str = "auto",
+        test_inner_lr: float | None = None,
     ):
         positive_ints(inner_steps=inner_steps)
         test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps
@@ -75,6 +76,14 @@ class MAML(HeadLearner):
             raise ConfigError(f"algo.test_inner_steps must be an integer, got {test_inner_steps!r}")
         if not inner_lr > 0:
             raise ConfigError(f"algo.inner_lr must be positive, got {inner_lr!r}")
+        if test_inner_lr is not None:
+            if learn_inner_lr:
+                raise ConfigError(
+                    "algo.test_inner_lr is for fixed step sizes; Meta-SGD (learn_inner_lr=true) "
+                    "adapts with its learned ones: leave algo.test_inner_lr=null"
+                )
+            if not test_inner_lr > 0:
+                raise ConfigError(f"algo.test_inner_lr must be positive, got {test_inner_lr!r}")
         if adapt not in ADAPT:
             raise ConfigError(f"algo.adapt={adapt!r}; choose 'all' (MAML) or 'head' (ANIL)")
         if batch_norm not in BATCH_NORM:
@@ -90,6 +99,7 @@ class MAML(HeadLearner):
         super().__init__(backbone, way, batch_statistics=batch_norm == "transductive")
         self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
         self.inner_lr, self.first_order, self.adapt = float(inner_lr), first_order, adapt
+        self.test_inner_lr = self.inner_lr if test_inner_lr is None else float(test_inner_lr)
         self.fast_names = [
             n for n, _ in self.named_parameters() if adapt == "all" or n.startswith("head.")
         ]
@@ -121,9 +131,11 @@ class MAML(HeadLearner):
         return params
 
     def inner_step(self, params: dict, grads: dict) -> dict:
-        """One gradient step on the fast weights: step size inner_lr, or Meta-SGD's own."""
+        """One gradient step on the fast weights: step size inner_lr (test_inner_lr in eval
+        mode), or Meta-SGD's own."""
         if self.inner_lrs is None:
-            return {n: p - self.inner_lr * grads[n] for n, p in params.items()}
+            lr = self.inner_lr if self.training else self.test_inner_lr
+            return {n: p - lr * grads[n] for n, p in params.items()}
         lrs = dict(zip(self.fast_names, self.inner_lrs))
         return {n: p - lrs[n] * grads[n] for n, p in params.items()}
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun.data.errors import ConfigError, MetarunError
 from metarun.runners import checkpoint
-from metarun.runners.build import build_store, resolve_device, validate
+from metarun.runners.build import build_store, configure_tf32, resolve_device, validate
 from metarun.runners.evaluate import evaluate
 from metarun.runners.trainer import Trainer, eval_episodes, results_record, write_results
 
@@ -127,6 +127,7 @@ def app(cfg: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate(cfg)
+        configure_tf32(cfg.get("tf32", False))
         return MODES[cfg.mode](cfg, run_dir)
     except MetarunError as err:
         if os.environ.get("METARUN_DEBUG"):

@@ -84,3 +84,21 @@ def test_resume_with_other_settings_is_refused_and_keeps_the_checkpoint(trained_
     stderr = fails(tmp_path, "way=4", f"resume={last}")
     assert "cannot resume from" in stderr and "way: checkpoint 5 vs now 4" in stderr
     assert last.read_bytes() == before
+
+
+def test_tf32_must_be_a_boolean(tmp_path):
+    assert "tf32='maybe': use tf32=true or tf32=false" in fails(tmp_path, "tf32=maybe")
+
+
+def test_tf32_switch_sets_both_cuda_flags():
+    from metarun.runners.build import configure_tf32
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        configure_tf32(True)
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        configure_tf32(False)
+        assert not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before

@@ -193,3 +193,29 @@ def test_a_head_smaller_than_the_test_way_is_refused_before_training():
         validate(compose(config_name="config", overrides=["algo=maml", "way=20", "eval.way=5"]))
     with pytest.raises(ConfigError, match="5-way classifier head"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("batched", ["loop", "vmap"])
+@pytest.mark.parametrize("adapt", ["all", "head"])
+def test_test_inner_lr_applies_in_eval_mode_only(batched, adapt):
+    torch.manual_seed(0)
+    kw = dict(way=2, inner_steps=2, test_inner_steps=2, adapt=adapt, batched=batched)
+    both = MAML(tiny(), inner_lr=0.4, test_inner_lr=0.1, **kw)
+    slow = MAML(tiny(), inner_lr=0.1, **kw)
+    fast = MAML(tiny(), inner_lr=0.4, **kw)
+    slow.load_state_dict(both.state_dict())
+    fast.load_state_dict(both.state_dict())
+    sx, sy, qx, _ = task()
+    for mode in ("eval", "train"):
+        same = slow if mode == "eval" else fast
+        other = fast if mode == "eval" else slow
+        out = [getattr(m, mode)().predict(sx, sy, qx, way=2).detach() for m in (both, same, other)]
+        torch.testing.assert_close(out[0], out[1])
+        assert not torch.allclose(out[0], out[2])
+
+
+def test_test_inner_lr_is_refused_for_meta_sgd_and_must_be_positive():
+    with pytest.raises(ConfigError, match="Meta-SGD"):
+        MAML(tiny(), way=2, learn_inner_lr=True, test_inner_lr=0.1)
+    with pytest.raises(ConfigError, match="test_inner_lr must be positive"):
+        MAML(tiny(), way=2, test_inner_lr=0.0)

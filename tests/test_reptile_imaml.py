@@ -8,7 +8,12 @@ import torch.nn.functional as F
 from conftest import learning_run
 from torch import nn
 
-from metarun.algorithms.imaml import IMAML, conjugate_gradient, implicit_meta_gradient
+from metarun.algorithms.imaml import (
+    IMAML,
+    batched_conjugate_gradient,
+    conjugate_gradient,
+    implicit_meta_gradient,
+)
 from metarun.algorithms.reptile import Reptile
 from metarun.data import Episodes
 from metarun.data.errors import ConfigError
@@ -107,6 +112,65 @@ def test_imaml_step_and_predict_run_with_bounded_graph():
         assert learner.eval().predict(ep.support_x, ep.support_y, ep.query_x).shape == (2, 6, 2)
 
 
+def test_batched_conjugate_gradient_runs_each_system_as_the_single_one_does():
+    """Four systems at once: positive definite, negative definite (stops before a step and
+    returns b), indefinite (stops after a step), and one solved exactly in 2 steps."""
+    torch.manual_seed(0)
+    n = 5
+    m = torch.randn(n, n, dtype=torch.float64)
+    spd = m @ m.T + torch.eye(n, dtype=torch.float64)
+    indefinite = torch.diag(torch.tensor([3.0, 1.0, -2.0, 0.5, -1.0], dtype=torch.float64))
+    two = torch.zeros(n, n, dtype=torch.float64)
+    two[:2, :2] = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    mats = torch.stack([spd, -spd, indefinite, two])
+    b = torch.randn(4, n, dtype=torch.float64)
+    b[3, 2:] = 0
+    for steps in (1, 3, 8):
+        (got,) = batched_conjugate_gradient(
+            lambda v: [torch.einsum("tij,tj->ti", mats, v[0])], [b], steps
+        )
+        for t in range(4):
+            (want,) = conjugate_gradient(lambda v, a=mats[t]: [a @ v[0]], [b[t]], steps)
+            torch.testing.assert_close(got[t], want)
+    torch.testing.assert_close(got[1], b[1])  # negative definite: the first-order answer
+
+
+def test_imaml_vmap_and_loop_give_the_same_meta_gradient_and_predictions():
+    from metarun.algorithms import conv4
+
+    torch.manual_seed(0)
+    loop = IMAML(conv4(hidden=8, variant="strided"), way=3, inner_steps=3, cg_steps=3, lam=1.0)
+    loop = loop.double()
+    vmap = IMAML(conv4(hidden=8, variant="strided"), way=3, batched="vmap", inner_steps=3)
+    vmap.cg_steps, vmap.lam = 3, 1.0
+    vmap = vmap.double()
+    vmap.load_state_dict(loop.state_dict())
+    loop.batched = "loop"
+    g = torch.Generator().manual_seed(1)
+    ep = Episodes(
+        torch.rand(4, 3, 1, 28, 28, generator=g, dtype=torch.float64),
+        torch.arange(3).repeat(4, 1),
+        torch.rand(4, 6, 1, 28, 28, generator=g, dtype=torch.float64),
+        torch.arange(3).repeat_interleave(2).repeat(4, 1),
+        torch.arange(3).repeat(4, 1),
+    )
+    out = {}
+    for name, learner in (("loop", loop), ("vmap", vmap)):
+        learner.configure_optimizer(1e-3)
+        metrics = learner.meta_train_step(ep)
+        grads = [p.grad.clone() for p in learner.parameters()]
+        with torch.no_grad():
+            logits = learner.eval().predict(ep.support_x, ep.support_y, ep.query_x)
+        out[name] = (metrics, grads, logits)
+    (m1, g1, l1), (m2, g2, l2) = out["loop"], out["vmap"]
+    torch.testing.assert_close(m1["loss"], m2["loss"])
+    torch.testing.assert_close(m1["acc"], m2["acc"])
+    assert sum(float(g.abs().sum()) for g in g1) > 0
+    for a, b in zip(g1, g2, strict=True):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(l1, l2)
+
+
 @pytest.mark.parametrize(
     "cls, kw, match",
     [
@@ -114,6 +178,7 @@ def test_imaml_step_and_predict_run_with_bounded_graph():
         (Reptile, {"inner_batch": 0}, "inner_batch"),
         (IMAML, {"lam": 0.0}, "lam"),
         (IMAML, {"cg_steps": 0}, "cg_steps"),
+        (IMAML, {"batched": "yes"}, "batched"),
     ],
 )
 def test_bad_settings_fail_clearly(cls, kw, match):
