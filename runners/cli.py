@@ -15,12 +15,14 @@ from pathlib import Path
 import hydra
 import yaml
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.data.errors import ConfigError, MetarunError
 from metarun.runners import checkpoint
 from metarun.runners.build import build_store, configure_tf32, resolve_device, validate
 from metarun.runners.evaluate import evaluate
+from metarun.runners.sweep import ERROR_FILE
 from metarun.runners.trainer import Trainer, eval_episodes, results_record, write_results
 
 log = logging.getLogger("metarun")
@@ -129,8 +131,20 @@ def app(cfg: DictConfig):
         validate(cfg)
         configure_tf32(cfg.get("tf32", False))
         return MODES[cfg.mode](cfg, run_dir)
-    except MetarunError as err:
+    except Exception as err:
         if os.environ.get("METARUN_DEBUG"):
+            raise
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # one job of a sweep: record the error and let the other jobs run; the sweep
+            # summary (runners/sweep.py) reports it and the sweep exits non-zero
+            message = str(err) if isinstance(err, MetarunError) else f"{type(err).__name__}: {err}"
+            if not isinstance(err, MetarunError):
+                log.exception("job failed")
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / ERROR_FILE).write_text(message + "\n")
+            print(f"metarun: error in job {run_dir.name}: {message}", file=sys.stderr)
+            return None
+        if not isinstance(err, MetarunError):
             raise
         print(f"metarun: error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -1,0 +1,50 @@
+"""Multirun sweeps: the summary table, and a failed job that does not stop the others."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from conftest import FAST, run_cli
+
+from metarun.runners.sweep import job_rows, write_summary
+
+QUICK = [*FAST, "trainer.steps=10", "trainer.val_every=10", "eval.episodes=20"]
+
+
+def test_multirun_summary_lists_every_job_and_a_failed_job_does_not_stop_the_rest(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", *QUICK, "way=3,0,4", f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "1 of 3 jobs failed (jobs 1)" in proc.stderr
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [r["job"] for r in rows] == ["0", "1", "2"]
+    assert [r["status"] for r in rows] == ["ok", "failed", "ok"]
+    assert "way=0" in rows[1]["overrides"] and "way" in rows[1]["error"]
+    for r, job in ((rows[0], "0"), (rows[2], "2")):  # the table holds what results.json says
+        results = json.loads((sweep / job / "results.json").read_text())
+        assert float(r["test"]) == results["test_acc"] and float(r["ci95"]) == results["ci95"]
+        assert int(r["steps"]) == results["steps"] == 10
+    assert json.loads((sweep / "2" / "results.json").read_text())["way"] == 4
+    md = (sweep / "summary.md").read_text().splitlines()
+    assert md[0].startswith("| job | overrides | test (95% CI)") and len(md) == 5
+    assert "failed:" in md[3] and "%" in md[2] and "`way=0`" in md[3]  # swept keys only
+    assert "metarun sweep" in proc.stdout and "failed" in proc.stdout  # the printed table
+
+
+def test_summary_reads_regression_results_and_jobs_without_results(tmp_path):
+    for job, files in {
+        "0": {"results.json": json.dumps({"test_mse": 0.25, "ci95": 0.02, "steps": 5})},
+        "1": {},
+    }.items():
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        for name, text in files.items():
+            (tmp_path / job / name).write_text(text)
+    rows = job_rows(tmp_path)
+    assert [(r["overrides"], r["status"], r["metric"]) for r in rows] == [
+        ("seed=0", "ok", "mse"),
+        ("seed=1", "no result", ""),
+    ]
+    _, md = write_summary(tmp_path, rows)
+    assert "MSE 0.2500 ± 0.0200" in md.read_text()
