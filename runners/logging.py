@@ -62,9 +62,9 @@ class RunLogger:
         return wandb.init(
             project=lc.project,
             entity=lc.get("entity"),
-            group=lc.get("group"),
+            group=lc.get("group") or sweep_group(),
             name=lc.get("run_name"),
-            tags=list(lc.get("tags") or []),
+            tags=[*(lc.get("tags") or []), *run_tags(cfg)],
             dir=str(self.run_dir),
             mode=wandb_mode(lc),
             id=wandb_id,
@@ -92,6 +92,27 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def sweep_group() -> str | None:
+    """In a multirun, the sweep folder's name (its date and time), so a sweep's runs group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    sweep = Path(HydraConfig.get().sweep.dir)
+    return f"{sweep.parent.name}_{sweep.name}" if sweep.parent.name else sweep.name
+
+
+def run_tags(cfg: DictConfig) -> list[str]:
+    """Tags to filter a dashboard by: learner, data set and the test episode shape."""
+    return [
+        f"algo:{cfg.algo.name}",
+        f"data:{cfg.data.name}",
+        f"{cfg.eval.way}-way",
+        f"{cfg.eval.shot}-shot",
+    ]
 
 
 class Progress:

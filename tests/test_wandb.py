@@ -70,3 +70,29 @@ def test_offline_wandb_run_holds_config_metrics_and_test_accuracy(tmp_path):
         for i in r.summary.update
     }
     assert 0 < float(summary["test_acc"]) <= 1 and float(summary["ci95"]) > 0
+
+
+def test_a_sweeps_runs_share_a_group_and_carry_algo_data_shape_tags(tmp_path):
+    sweep = tmp_path / "sweeps" / "s1"
+    run_cli(
+        "-m",
+        *FAST,
+        "trainer.steps=10",
+        "trainer.val_every=10",
+        "eval.episodes=20",
+        "logger=wandb",
+        "logger.mode=offline",
+        "logger.tags=[mine]",
+        "way=3,4",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+        env={"WANDB_MODE": None, "WANDB_SILENT": "true"},
+    )
+    runs = []
+    for job in ("0", "1"):
+        (run_file,) = (sweep / job).glob("wandb/offline-run-*/run-*.wandb")
+        records = read_wandb_records(run_file)
+        runs.append(next(r.run for r in records if r.WhichOneof("record_type") == "run"))
+    assert [r.run_group for r in runs] == ["sweeps_s1", "sweeps_s1"]
+    for run, way in zip(runs, (3, 4)):
+        assert set(run.tags) == {"mine", "algo:protonet", "data:synthetic", f"{way}-way", "1-shot"}
