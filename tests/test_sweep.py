@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+import yaml
 from conftest import FAST, run_cli
 
 from metarun.runners.sweep import job_rows, write_summary
@@ -48,3 +50,33 @@ def test_summary_reads_regression_results_and_jobs_without_results(tmp_path):
     ]
     _, md = write_summary(tmp_path, rows)
     assert "MSE 0.2500 ± 0.0200" in md.read_text()
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+        ["hydra/launcher=local_gpu", "hydra.launcher.gpus_per_node=0"],  # submitit_local
+    ],
+    ids=["joblib", "submitit_local"],
+)
+def test_sweep_runs_with_the_parallel_launchers(tmp_path, launcher):
+    sweep = tmp_path / "sweep"
+    run_cli("-m", *launcher, *QUICK, "way=3,4", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [(r["status"], r["overrides"].split()[-1]) for r in rows] == [
+        ("ok", "way=3"),
+        ("ok", "way=4"),
+    ]
+    for job, way in (("0", 3), ("1", 4)):
+        assert json.loads((sweep / job / "results.json").read_text())["way"] == way
+
+
+def test_slurm_preset_composes_with_one_gpu_per_job(tmp_path):
+    proc = run_cli(
+        "hydra/launcher=slurm_gpu", "--cfg", "hydra", "-p", "hydra.launcher", cwd=tmp_path
+    )
+    launcher = yaml.safe_load(proc.stdout)
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert (launcher["gpus_per_node"], launcher["tasks_per_node"]) == (1, 1)
+    assert launcher["timeout_min"] == 1440
