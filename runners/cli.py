@@ -124,13 +124,31 @@ def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:
 MODES = {"train": train, "test": test, "predict": predict}
 
 
+def optimizing() -> bool:
+    """Under an optimizing sweeper (Optuna), the app returns the objective."""
+    return "optuna" in str(HydraConfig.get().sweeper.get("_target_", "")).lower()
+
+
+def sweep_objective(results) -> float:
+    """The best validation score of the run: accuracy (maximize), or MSE for regression
+    (set hydra.sweeper.direction=minimize). Never the test score."""
+    if (
+        not isinstance(results, dict)
+        or "best_val_acc" not in results
+        and "best_val_mse" not in results
+    ):
+        raise ConfigError("an optimizing sweep needs mode=train runs with validation")
+    return float(results.get("best_val_acc", results.get("best_val_mse")))
+
+
 @hydra.main(version_base="1.3", config_path="pkg://metarun.conf", config_name="config")
 def app(cfg: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate(cfg)
         configure_tf32(cfg.get("tf32", False))
-        return MODES[cfg.mode](cfg, run_dir)
+        out = MODES[cfg.mode](cfg, run_dir)
+        return sweep_objective(out) if optimizing() else out
     except Exception as err:
         if os.environ.get("METARUN_DEBUG"):
             raise
@@ -143,7 +161,7 @@ def app(cfg: DictConfig):
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / ERROR_FILE).write_text(message + "\n")
             print(f"metarun: error in job {run_dir.name}: {message}", file=sys.stderr)
-            return None
+            return float("nan") if optimizing() else None  # Optuna records a failed trial
         if not isinstance(err, MetarunError):
             raise
         print(f"metarun: error: {err}", file=sys.stderr)

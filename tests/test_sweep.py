@@ -80,3 +80,24 @@ def test_slurm_preset_composes_with_one_gpu_per_job(tmp_path):
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert (launcher["gpus_per_node"], launcher["tasks_per_node"]) == (1, 1)
     assert launcher["timeout_min"] == 1440
+
+
+def test_optuna_sweep_maximizes_validation_accuracy_returned_by_each_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "-m",
+        "hparams_search=maml_optuna",
+        "hydra.sweeper.n_trials=2",
+        *QUICK,
+        "trainer.steps=4",
+        "trainer.val_every=4",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    found = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    vals = [json.loads((sweep / j / "results.json").read_text()) for j in ("0", "1")]
+    assert all(v["algo"] == "maml" for v in vals)
+    assert found["best_value"] == max(v["best_val_acc"] for v in vals)  # validation, not test
+    assert set(found["best_params"]) == {"algo.inner_lr", "algo.inner_steps", "trainer.lr"}
+    rows = list(csv.DictReader(open(sweep / "summary.csv")))
+    assert [r["status"] for r in rows] == ["ok", "ok"]
