@@ -97,8 +97,13 @@ def implicit_meta_gradient(
     lam: float,
     cg_steps: int,
     damping: float = 0.0,
+    solver: Callable = conjugate_gradient,
 ) -> list[torch.Tensor]:
     """v = (I + (H + damping I) / lam)^-1 g, with H the Hessian of the support loss at phi.
+
+    With solver=batched_conjugate_gradient, phi and query_grad carry the task index first
+    and support_loss returns the sum of the tasks' losses (each task's gradient and
+    Hessian-vector product are then its own): one system per task.
 
     That is the gradient of the query loss at the proximal inner optimum phi with
     respect to the initial weights (Rajeswaran et al. 2019, Lemma 1), found by
@@ -112,9 +117,7 @@ def implicit_meta_gradient(
         hv = torch.autograd.grad(grads, phi, grad_outputs=v, retain_graph=True)
         return [u + (h + damping * u) / lam for u, h in zip(v, hv)]
 
-    return [
-        t.detach() for t in conjugate_gradient(matvec, [g.detach() for g in query_grad], cg_steps)
-    ]
+    return [t.detach() for t in solver(matvec, [g.detach() for g in query_grad], cg_steps)]
 
 
 class IMAML(HeadLearner):
@@ -243,19 +246,18 @@ class IMAML(HeadLearner):
             logits = self.task_outputs(phi_q, qx, way)
             losses = torch.func.vmap(supervised_loss)(logits, qy)
             query_grad = torch.autograd.grad(losses.sum(), phi_q)
-            phi_s = [p.detach().requires_grad_(True) for p in phi]
-            grads = torch.autograd.grad(
-                self.task_losses(phi_s, sx, sy, way).sum(), phi_s, create_graph=True
-            )
-
-            def matvec(v):
-                hv = torch.autograd.grad(grads, phi_s, grad_outputs=v, retain_graph=True)
-                return [u + (h + self.damping * u) / self.lam for u, h in zip(v, hv)]
-
-            v = batched_conjugate_gradient(matvec, [g.detach() for g in query_grad], self.cg_steps)
+        v = implicit_meta_gradient(
+            lambda p: self.task_losses(p, sx, sy, way).sum(),
+            phi,
+            query_grad,
+            self.lam,
+            self.cg_steps,
+            self.damping,
+            solver=batched_conjugate_gradient,
+        )
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(self.parameters(), v):
-            p.grad = g.detach().mean(0)
+            p.grad = g.mean(0)
         self.optimizer.step()
         return {"loss": losses.detach().mean(), metric_name(qy): task_scores(logits.detach(), qy)}
 
