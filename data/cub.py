@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .images import IMAGE_SUFFIXES, Preprocess, decode_image
-from .store import ClassStore, cached_store, check_split_args
+from .store import ClassStore, cached_store, check_split_args, require_root
 
 TARBALL, FOLDER = "CUB_200_2011.tgz", "CUB_200_2011"
 WHERE = (
@@ -46,9 +46,7 @@ def cub(
 ) -> ClassStore:
     """One split of CUB-200-2011 (100 / 50 / 50 classes)."""
     check_split_args(split, image_size, rotations)
-    if root is None:
-        raise ConfigError(f"data=cub needs data.root=DIR holding {WHERE}")
-    base = Path(root).expanduser()
+    base = require_root(root, "cub", WHERE)
     folder, tarball = base / FOLDER / "images", base / TARBALL
     if folder.is_dir():
         source, listing = folder, _list_folder(folder)

@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .images import Preprocess, decode_image
-from .store import ClassStore, cached_store, check_split_args, resize
+from .store import ClassStore, cached_store, check_split_args, require_root, resize
 
 PICKLE = "mini-imagenet-cache-{split}.pkl"
 FORMS = (
@@ -47,9 +47,7 @@ def miniimagenet(
 ) -> ClassStore:
     """One split of miniImageNet from `root` (see the module docstring for the forms)."""
     check_split_args(split, image_size, rotations)
-    if root is None:
-        raise ConfigError(f"data=miniimagenet needs data.root=DIR holding {FORMS}")
-    base = Path(root).expanduser()
+    base = require_root(root, "miniimagenet", FORMS)
     if not base.is_dir():
         raise DataError(f"data.root={str(root)!r} is not a folder; it should hold {FORMS}")
     csv_path, pkl_path = base / f"{split}.csv", base / PICKLE.format(split=split)

@@ -35,6 +35,13 @@ def check_split_args(split: str, image_size: int, rotations: int = 1) -> None:
         raise ConfigError(f"data.image_size must be a positive integer, got {image_size!r}")
 
 
+def require_root(root, data: str, holding: str) -> Path:
+    """A loader's data.root, expanded; a ConfigError naming what it should hold when unset."""
+    if root is None:
+        raise ConfigError(f"data={data} needs data.root=DIR holding {holding}")
+    return Path(root).expanduser()
+
+
 @dataclass
 class ClassStore:
     images: torch.Tensor  # uint8 [N, C, H, W]

@@ -27,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError
+from .errors import DataError
 from .images import Preprocess, decode_image, list_images
-from .store import ClassStore, cache_dir, cache_key, check_split_args, resize
+from .store import ClassStore, cache_dir, cache_key, check_split_args, require_root, resize
 
 FORMS = (
     "{split}_images_png.pkl with {split}_labels.pkl (Ren et al.'s release), "
@@ -46,9 +46,7 @@ def tiered_imagenet(
 ) -> ClassStore:
     """One split of tieredImageNet, memory-mapped from the decoded cache."""
     check_split_args(split, image_size, rotations)
-    if root is None:
-        raise ConfigError(f"data=tieredimagenet needs data.root=DIR holding {FORMS}")
-    base = Path(root).expanduser()
+    base = require_root(root, "tieredimagenet", FORMS)
     png, npz = base / f"{split}_images_png.pkl", base / f"{split}_images.npz"
     labels, folder = base / f"{split}_labels.pkl", base / split
     if png.is_file() or npz.is_file():
