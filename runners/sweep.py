@@ -25,14 +25,15 @@ ERROR_FILE = "error.txt"
 
 
 def job_rows(sweep_dir: Path) -> list[dict]:
-    """One dict per job folder (numbered subfolders with a .hydra/overrides.yaml)."""
+    """One dict per job folder (numbered subfolders with a .hydra/overrides.yaml); its
+    overrides as a list (a value may hold spaces: logger.tags=[a, b])."""
     rows = []
     for overrides_file in sorted(Path(sweep_dir).glob("*/.hydra/overrides.yaml")):
         job = overrides_file.parent.parent
         overrides = yaml.safe_load(overrides_file.read_text()) or []
         row = dict.fromkeys(COLUMNS, "")
         row["job"] = job.name
-        row["overrides"] = " ".join(o for o in overrides if not o.startswith("hydra."))
+        row["overrides"] = [o for o in overrides if not o.startswith("hydra.")]
         results, error = job / "results.json", job / ERROR_FILE
         if results.exists():
             r = json.loads(results.read_text())
@@ -68,9 +69,9 @@ def seconds_cell(row: dict) -> str:
 
 def swept(rows: list[dict]) -> list[str]:
     """Each row's overrides without those every job shares (the CSV keeps them all)."""
-    split = [r["overrides"].split() for r in rows]
-    common = set.intersection(*map(set, split)) if len(split) > 1 else set()
-    return [" ".join(o for o in items if o not in common) or "(none)" for items in split]
+    lists = [r["overrides"] for r in rows]
+    common = set.intersection(*map(set, lists)) if len(lists) > 1 else set()
+    return [" ".join(o for o in items if o not in common) or "(none)" for items in lists]
 
 
 def write_summary(sweep_dir: Path, rows: list[dict]) -> tuple[Path, Path]:
@@ -79,7 +80,7 @@ def write_summary(sweep_dir: Path, rows: list[dict]) -> tuple[Path, Path]:
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "overrides": " ".join(r["overrides"])} for r in rows)
     lines = [
         "| job | overrides | test (95% CI) | steps | time | status |",
         "|---|---|---|---|---|---|",

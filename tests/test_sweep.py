@@ -45,8 +45,8 @@ def test_summary_reads_regression_results_and_jobs_without_results(tmp_path):
             (tmp_path / job / name).write_text(text)
     rows = job_rows(tmp_path)
     assert [(r["overrides"], r["status"], r["metric"]) for r in rows] == [
-        ("seed=0", "ok", "mse"),
-        ("seed=1", "no result", ""),
+        (["seed=0"], "ok", "mse"),
+        (["seed=1"], "no result", ""),
     ]
     _, md = write_summary(tmp_path, rows)
     assert "MSE 0.2500 ± 0.0200" in md.read_text()
