@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +25,17 @@ class MetaLearner(nn.Module):
     """Base class: subclasses implement `predict`; most keep the default step."""
 
     optimizer: torch.optim.Optimizer | None = None
+    # set by the trainer in a multi-process run (runners/distributed.py): averages .grad
+    # over the processes before every outer update
+    grad_sync: Callable[[Iterable[nn.Parameter]], None] | None = None
     # regression (float targets, MSE) needs a model with an output head; metric learners
     # compare classes and are classification-only
     supports_regression = False
+    # learners that adapt the network per task with gradient steps (MAML and relatives,
+    # Reptile, iMAML): their inner-loop gradients are taken with torch.autograd.grad
+    inner_loop = False
+    # why trainer.compile=true is refused, for learners where torch.compile does not work
+    compile_refusal: str | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,9 +92,26 @@ class MetaLearner(nn.Module):
     def set_precision(self, amp: str) -> None:
         if amp not in AMP_DTYPES:
             raise ConfigError(f"trainer.amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+        if amp == "fp16" and self.inner_loop:
+            raise ConfigError(
+                f"trainer.amp=fp16 is not supported by {type(self).__name__}: its inner-loop "
+                "gradients are not loss-scaled (the GradScaler scales only the outer loss), so "
+                "small ones would underflow in float16; use trainer.amp=bf16, which has "
+                "float32's range, or trainer.amp=off"
+            )
         self.amp_dtype = AMP_DTYPES[amp]
         # fp16 gradients underflow without loss scaling; bf16 does not need it
         self.scaler = torch.amp.GradScaler(self.device.type) if amp == "fp16" else None
+
+    def compile_network(self) -> None:
+        """trainer.compile=true: torch.compile the backbone in place (the state dict keeps
+        its names, so checkpoints load with or without compilation)."""
+        if self.compile_refusal:
+            raise ConfigError(
+                f"trainer.compile=true is not supported by {type(self).__name__}: "
+                f"{self.compile_refusal}; use trainer.compile=false"
+            )
+        self.backbone.compile()
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -96,9 +122,21 @@ class MetaLearner(nn.Module):
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is None:
             loss.backward()
-            self.optimizer.step()
         else:
             self.scaler.scale(loss).backward()
+        self.apply_gradients()
+
+    def sync_gradients(self) -> None:
+        """Average .grad over the processes of a multi-process run; nothing in one process."""
+        if self.grad_sync is not None:
+            self.grad_sync(self.parameters())
+
+    def apply_gradients(self) -> None:
+        """The outer update from the gradients in .grad (averaged over processes first)."""
+        self.sync_gradients()
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
             self.scaler.step(self.optimizer)
             self.scaler.update()
 
@@ -234,6 +272,7 @@ class HeadLearner(MetaLearner):
 
     title = "this"  # how error messages name the learner
     supports_regression = True
+    inner_loop = True
 
     def __init__(self, backbone: nn.Module, way: int, batch_statistics: bool) -> None:
         super().__init__()

@@ -145,6 +145,10 @@ class IMAML(HeadLearner):
     Hessian-free or many GD steps; the solver here is plain GD.
     """
 
+    compile_refusal = (
+        "its Hessian-vector products differentiate through a backward pass "
+        "(create_graph=True), which a torch.compile'd graph refuses (donated buffers)"
+    )
     title = "iMAML"
 
     def __init__(
@@ -258,6 +262,7 @@ class IMAML(HeadLearner):
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(self.parameters(), v):
             p.grad = g.mean(0)
+        self.sync_gradients()
         self.optimizer.step()
         return {"loss": losses.detach().mean(), metric_name(qy): task_scores(logits.detach(), qy)}
 
@@ -313,5 +318,6 @@ class IMAML(HeadLearner):
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, meta_grads):
             p.grad = g
+        self.sync_gradients()
         self.optimizer.step()
         return {"loss": torch.stack(losses).mean(), metric_name(qy): torch.stack(scores)}

@@ -38,6 +38,10 @@ class Reptile(HeadLearner):
     data the same way); the queries of training episodes are unused.
     """
 
+    compile_refusal = (
+        "torch.compile breaks its graph at every batch-norm layer (the per-task "
+        "batch-statistics norm) and has not been measured faster here"
+    )
     title = "Reptile"
 
     def __init__(
@@ -135,5 +139,6 @@ class Reptile(HeadLearner):
         self.optimizer.zero_grad(set_to_none=True)
         for n, p in theta.items():
             p.grad = deltas[n]
+        self.sync_gradients()
         self.optimizer.step()
         return {"loss": torch.stack(losses).mean(), metric_name(qy): torch.stack(scores)}

@@ -7,9 +7,12 @@ metarun -m algo=protonet shot=1,5
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -19,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.data.errors import ConfigError, MetarunError
-from metarun.runners import checkpoint
+from metarun.runners import checkpoint, distributed
 from metarun.runners.build import build_store, configure_tf32, resolve_device, validate
 from metarun.runners.evaluate import evaluate
 from metarun.runners.sweep import ERROR_FILE
@@ -63,6 +66,24 @@ def same_overrides(a: list[str], b: list[str]) -> bool:
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     device = resolve_device(cfg.device)
+    if not distributed.launched():
+        run_dir, resume_from = resume_point(cfg, run_dir)
+        return Trainer(cfg, run_dir, device).fit(resume_from)
+    device = distributed.init(device)
+    try:
+        if not distributed.is_main():  # rank 0 speaks for the run
+            logging.getLogger("metarun").setLevel(logging.WARNING)
+        # rank 0's run directory and checkpoint, for every rank
+        run_dir, resume_from = distributed.from_main(
+            resume_point(cfg, run_dir) if distributed.is_main() else None
+        )
+        return Trainer(cfg, run_dir, device).fit(resume_from)
+    finally:
+        distributed.close()
+
+
+def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path, Path | None]:
+    """The run directory to write into and the checkpoint to continue from (or None)."""
     resume_from = None
     if cfg.get("resume") == "auto":
         resume_from = find_resumable(Path(cfg.paths.output_root), overrides())
@@ -75,8 +96,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if resume_from is not None:
         run_dir = resume_from.parent.parent  # continue writing into the run being resumed
         log.info("continuing run %s", run_dir)
-    trainer = Trainer(cfg, run_dir, device)
-    return trainer.fit(resume_from)
+    return run_dir, resume_from
 
 
 def test(cfg: DictConfig, run_dir: Path) -> dict:
@@ -147,6 +167,11 @@ def app(cfg: DictConfig):
     try:
         validate(cfg)
         configure_tf32(cfg.get("tf32", False))
+        if distributed.launched() and cfg.mode != "train":
+            raise ConfigError(
+                f"mode={cfg.mode} runs in one process; run it without torchrun "
+                "(only meta-training is split over processes)"
+            )
         out = MODES[cfg.mode](cfg, run_dir)
         return sweep_objective(out) if optimizing() else out
     except Exception as err:
@@ -169,7 +194,30 @@ def app(cfg: DictConfig):
 
 
 def main() -> None:
+    if distributed.launched():
+        torchrun_arguments()
     app()
+
+
+def torchrun_arguments() -> None:
+    """Under torchrun, ranks other than 0 write nothing of their own: Hydra gets a throwaway
+    run directory and logs to the console only (they use rank 0's run directory)."""
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        print(
+            "metarun: error: a sweep (-m) cannot run under torchrun; launch torchrun once per "
+            "job, or sweep with a launcher (hydra/launcher=slurm_gpu, local_gpu)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    if distributed.is_main():
+        return
+    scratch = tempfile.mkdtemp(prefix=f"metarun-rank{distributed.world()[0]}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    sys.argv += [
+        f"hydra.run.dir={scratch}",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=stdout",
+    ]
 
 
 if __name__ == "__main__":

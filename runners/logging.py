@@ -88,10 +88,39 @@ class RunLogger:
             for key, value in values.items():
                 self.wandb.summary[key] = value
 
+    def log_checkpoint(self, path: Path, step: int, metadata: dict) -> None:
+        """Upload a checkpoint as a wandb artifact of type "model", aliased "best" and by step
+        (logger.log_checkpoint=true). Offline runs keep it for `wandb sync`."""
+        if self.wandb is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(f"model-{self.wandb.id}", type="model", metadata=metadata)
+        artifact.add_file(str(path), name=Path(path).name)
+        self.wandb.log_artifact(artifact, aliases=["best", f"step-{step}"])
+
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+class NullLogger:
+    """What the other ranks of a multi-process run log: nothing (rank 0 logs)."""
+
+    wandb_id = None
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def log_checkpoint(self, path: Path, step: int, metadata: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
 
 def sweep_group() -> str | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -17,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun.data.episodes import episode_sampler, fixed_episodes
 from metarun.data.errors import ConfigError
-from metarun.runners import checkpoint
+from metarun.runners import checkpoint, distributed
 from metarun.runners.build import build_learner, build_stores
 from metarun.runners.evaluate import evaluate, higher_is_better
-from metarun.runners.logging import Progress, RunLogger
+from metarun.runners.logging import NullLogger, Progress, RunLogger
 
 log = logging.getLogger("metarun")
 
@@ -65,6 +66,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.learner = build_learner(cfg).to(device)
         self.learner.set_precision(cfg.trainer.amp)
+        if cfg.trainer.get("compile"):
+            check_compiler(device)
+            self.learner.compile_network()
         self.learner.configure_optimizer(cfg.trainer.lr)
         tc = cfg.trainer
         self.schedule = lr_schedule(
@@ -76,6 +80,14 @@ class Trainer:
         )
         self.step, self.best_val, self.best_step, self.elapsed = 0, -math.inf, 0, 0.0
         self.wandb_id = None
+        # several processes (torchrun): this rank's share of each meta-batch, gradients
+        # averaged before every update, rank 0 alone validates, logs and writes
+        self.parallel = distributed.launched()
+        self.main = distributed.is_main()
+        self.tasks = distributed.local_tasks(tc.meta_batch) if self.parallel else None
+        if self.parallel:
+            self.learner.grad_sync = distributed.average_gradients
+            distributed.broadcast_state(self.learner)
 
     # -- checkpoints ------------------------------------------------------------
     def state(self) -> dict:
@@ -114,25 +126,34 @@ class Trainer:
         if resume_from:
             self.restore(resume_from)
         tc = self.cfg.trainer
-        logger = RunLogger(
-            self.run_dir,
-            self.cfg,
-            resume_step=self.step if resume_from else None,
-            wandb_id=self.wandb_id,
+        logger = (
+            RunLogger(
+                self.run_dir,
+                self.cfg,
+                resume_step=self.step if resume_from else None,
+                wandb_id=self.wandb_id,
+            )
+            if self.main
+            else NullLogger()
         )
         self.wandb_id = logger.wandb_id
-        progress = Progress(tc.steps, start=self.step)
+        progress = Progress(tc.steps, start=self.step, enabled=None if self.main else False)
         window, started = [], time.perf_counter() - self.elapsed
         try:
             while self.step < tc.steps:
-                window.append(self.learner.meta_train_step(self.sampler.sample(tc.meta_batch)))
+                episodes = self.sampler.sample(tc.meta_batch)
+                if self.tasks is not None:
+                    episodes = episodes[self.tasks]
+                window.append(self.learner.meta_train_step(episodes))
+                if self.parallel:  # batch-norm running statistics: rank 0's
+                    distributed.broadcast_buffers(self.learner)
                 self.schedule.step()
                 self.step += 1
                 self.elapsed = time.perf_counter() - started
                 row = self.after_step(window, logger)
                 progress.update(self.step, row)
             progress.close()  # before the test summary is printed
-            results = self.test(logger)
+            results = self.test(logger) if self.main else {}
         finally:
             progress.close()
             logger.finish()
@@ -145,14 +166,18 @@ class Trainer:
         row = {}
         if step % tc.log_every == 0 or last:
             # one host sync per log interval: stack the window's scalars, then average
-            row = {
-                k: float(torch.stack([m[k].float().mean() for m in window]).mean())
-                for k in window[0]
-            }
+            means = torch.stack(
+                [torch.stack([m[k].float().mean() for m in window]).mean() for k in window[0]]
+            )
+            if self.parallel:  # every rank logs at the same steps: average over all tasks
+                means = distributed.average(means)
+            row = dict(zip(window[0], means.tolist()))
             row["lr"] = self.schedule.get_last_lr()[0]
             row["seconds"] = round(self.elapsed, 3)
             window.clear()
         save_best = False
+        if not self.main:  # rank 0 alone validates, logs and writes checkpoints
+            return row or None
         if step % tc.val_every == 0 or last:
             val = evaluate(self.learner, self.val, self.cfg.eval.batch)
             row.update({f"val_{val['metric']}": val[val["metric"]], "val_ci95": val["ci95"]})
@@ -190,6 +215,10 @@ class Trainer:
         for k, acc in results.get("instance_acc", {}).items():  # MANN: accuracy by instance
             summary[f"test_acc_inst{k}"] = acc
         logger.summary(summary)
+        if self.cfg.logger.get("log_checkpoint"):
+            logger.log_checkpoint(
+                self.ckpt_dir / "best.pt", self.best_step, {"step": self.best_step, **summary}
+            )
         return results
 
 
@@ -222,6 +251,16 @@ def lr_schedule(
             optimizer, lambda step: decay_factor ** (step // decay_every)
         )
     raise ConfigError(f"trainer.schedule={kind!r}; choose constant, cosine, linear or step")
+
+
+def check_compiler(device: torch.device) -> None:
+    """torch.compile's CPU code generator (inductor) builds C++; say so before any work."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
+        raise ConfigError(
+            "trainer.compile=true on the CPU needs a C++ compiler (g++ or clang++) for "
+            "torch.compile's inductor backend, and none is on PATH; install one "
+            "(e.g. apt install g++) or set trainer.compile=false"
+        )
 
 
 def check_compatible(cfg: DictConfig, stored: DictConfig, path: str) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import struct
 from pathlib import Path
 
@@ -44,6 +47,7 @@ def test_offline_wandb_run_holds_config_metrics_and_test_accuracy(tmp_path):
         "logger=wandb",
         "logger.mode=offline",
         "logger.project=metarun-test",
+        "logger.log_checkpoint=true",
         f"hydra.run.dir={run}",
         cwd=tmp_path,
         env={"WANDB_MODE": None, "WANDB_SILENT": "true"},
@@ -70,6 +74,25 @@ def test_offline_wandb_run_holds_config_metrics_and_test_accuracy(tmp_path):
         for i in r.summary.update
     }
     assert 0 < float(summary["test_acc"]) <= 1 and float(summary["ci95"]) > 0
+    # the values wandb holds are the ones in metrics.jsonl and results.json
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == len(rows)
+    for h, row in zip(history, rows):
+        assert int(h["_step"]) == row["step"]
+        assert {k: json.loads(h[k]) for k in row if k != "step"} == {
+            k: v for k, v in row.items() if k != "step"
+        }
+    results = json.loads((run / "results.json").read_text())
+    assert json.loads(summary["test_acc"]) == results["test_acc"]
+    assert json.loads(summary["ci95"]) == results["ci95"]
+    # logger.log_checkpoint=true: best.pt as a model artifact, with its digest
+    (artifact,) = [r.artifact for r in records if r.WhichOneof("record_type") == "artifact"]
+    assert artifact.type == "model" and artifact.name == f"model-{run_record.run_id}"
+    assert {"best", f"step-{results['best_step']}"} <= set(artifact.aliases)
+    (entry,) = artifact.manifest.contents
+    digest = base64.b64encode(hashlib.md5((run / "checkpoints/best.pt").read_bytes()).digest())
+    assert entry.path == "best.pt" and entry.digest == digest.decode()
+    assert json.loads(artifact.metadata)["test_acc"] == results["test_acc"]
 
 
 def test_a_sweeps_runs_share_a_group_and_carry_algo_data_shape_tags(tmp_path):
