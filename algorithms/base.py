@@ -21,6 +21,13 @@ from metarun.data.errors import ConfigError
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+NAN_POLICIES = ("stop", "skip", "off")
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A NaN or inf loss or gradient before an outer update (trainer.nan_policy=stop)."""
+
+
 class MetaLearner(nn.Module):
     """Base class: subclasses implement `predict`; most keep the default step."""
 
@@ -28,6 +35,9 @@ class MetaLearner(nn.Module):
     # set by the trainer in a multi-process run (runners/distributed.py): averages .grad
     # over the processes before every outer update
     grad_sync: Callable[[Iterable[nn.Parameter]], None] | None = None
+    # trainer.nan_policy: what a NaN or inf loss or gradient does (see prepare_update)
+    nan_policy: str = "stop"
+    skipped_updates: int = 0
     # regression (float targets, MSE) needs a model with an output head; metric learners
     # compare classes and are classification-only
     supports_regression = False
@@ -124,16 +134,36 @@ class MetaLearner(nn.Module):
             loss.backward()
         else:
             self.scaler.scale(loss).backward()
-        self.apply_gradients()
+        self.apply_gradients(loss)
 
-    def sync_gradients(self) -> None:
-        """Average .grad over the processes of a multi-process run; nothing in one process."""
+    def prepare_update(self, loss: torch.Tensor) -> bool:
+        """Called with the gradients in .grad, right before every outer update: averages them
+        over the processes of a multi-process run, then checks the loss and (without a loss
+        scaler, which skips overflowing steps itself) the gradients for NaN or inf. Returns
+        True to apply the update; False to skip it (nan_policy="skip"); nan_policy="stop"
+        raises NonFiniteLoss, with the weights still those before this step."""
         if self.grad_sync is not None:
             self.grad_sync(self.parameters())
+        if self.nan_policy == "off":
+            return True
+        checks = [torch.isfinite(loss.detach()).all()]
+        if self.scaler is None:
+            checks += [
+                torch.isfinite(p.grad).all() for p in self.parameters() if p.grad is not None
+            ]
+        if bool(torch.stack(checks).all()):  # one host sync per step
+            return True
+        what = "loss" if not bool(checks[0]) else "gradient"
+        if self.nan_policy == "skip":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_updates += 1
+            return False
+        raise NonFiniteLoss(f"non-finite {what} ({float(loss.detach().float().mean()):g})")
 
-    def apply_gradients(self) -> None:
-        """The outer update from the gradients in .grad (averaged over processes first)."""
-        self.sync_gradients()
+    def apply_gradients(self, loss: torch.Tensor) -> None:
+        """The outer update from the gradients in .grad (see prepare_update)."""
+        if not self.prepare_update(loss):
+            return
         if self.scaler is None:
             self.optimizer.step()
         else:

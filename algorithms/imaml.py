@@ -262,8 +262,8 @@ class IMAML(HeadLearner):
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(self.parameters(), v):
             p.grad = g.mean(0)
-        self.sync_gradients()
-        self.optimizer.step()
+        if self.prepare_update(losses.detach().mean()):
+            self.optimizer.step()
         return {"loss": losses.detach().mean(), metric_name(qy): task_scores(logits.detach(), qy)}
 
     # -----------------------------------------------------------------------------------
@@ -318,6 +318,6 @@ class IMAML(HeadLearner):
         self.optimizer.zero_grad(set_to_none=True)
         for p, g in zip(params, meta_grads):
             p.grad = g
-        self.sync_gradients()
-        self.optimizer.step()
+        if self.prepare_update(torch.stack(losses).mean()):
+            self.optimizer.step()
         return {"loss": torch.stack(losses).mean(), metric_name(qy): torch.stack(scores)}

@@ -191,7 +191,8 @@ class MANN(MetaLearner):
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.sync_gradients()
+            if not self.prepare_update(loss):
+                return
             if self.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
@@ -199,7 +200,8 @@ class MANN(MetaLearner):
             self.scaler.update()
             return
         loss.backward()
-        self.sync_gradients()
+        if not self.prepare_update(loss):
+            return
         if self.grad_clip:
             nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
         self.optimizer.step()

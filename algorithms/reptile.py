@@ -139,6 +139,6 @@ class Reptile(HeadLearner):
         self.optimizer.zero_grad(set_to_none=True)
         for n, p in theta.items():
             p.grad = deltas[n]
-        self.sync_gradients()
-        self.optimizer.step()
+        if self.prepare_update(torch.stack(losses).mean()):
+            self.optimizer.step()
         return {"loss": torch.stack(losses).mean(), metric_name(qy): torch.stack(scores)}

@@ -18,3 +18,14 @@ class DataError(MetarunError, RuntimeError):
 
 class CheckpointError(MetarunError, RuntimeError):
     """A checkpoint that cannot be used: missing, corrupt or from another config."""
+
+
+class StoppedError(MetarunError, RuntimeError):
+    """Training stopped on purpose with its state saved: a signal, or a non-finite loss.
+
+    `exit_code` is the process status the CLI ends with (128 + signal number for a
+    signal, as shells report it)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from metarun.algorithms.base import MetaLearner
+from metarun.algorithms.base import NAN_POLICIES, MetaLearner
 from metarun.data.errors import ConfigError, MetarunError
 from metarun.data.images import Preprocess
 from metarun.data.store import ClassStore
@@ -151,6 +151,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.lr must be positive, got {cfg.trainer.lr}")
     if cfg.trainer.amp not in ("off", "bf16", "fp16"):
         raise ConfigError(f"trainer.amp={cfg.trainer.amp!r}; choose off, bf16 or fp16")
+    if cfg.trainer.get("nan_policy", "stop") not in NAN_POLICIES:
+        raise ConfigError(
+            f"trainer.nan_policy={cfg.trainer.nan_policy!r}; choose {', '.join(NAN_POLICIES)}"
+        )
+    if cfg.mode == "train" and "keep_last" in cfg.trainer:
+        positive_int(cfg, "trainer.keep_last")
 
 
 def check_learner_fits_data(cfg: DictConfig) -> None:

@@ -32,6 +32,23 @@ def save_atomic(state: dict, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def save_rotating(state: dict, folder: Path, step: int, keep: int) -> None:
+    """Write step-<step>.pt atomically, make last.pt a second name (hard link) for it, then
+    delete all but the newest `keep` step files. A failed write leaves the previous files."""
+    folder = Path(folder)
+    path = folder / f"step-{step:08d}.pt"
+    save_atomic(state, path)
+    link = folder / f".last.pt.link{os.getpid()}"
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:  # a file system without hard links: a second copy
+        save_atomic(state, link)
+    os.replace(link, folder / "last.pt")
+    for old in sorted(folder.glob("step-*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
 def load(path: str | Path, map_location="cpu") -> dict:
     """Read a checkpoint, with a clear error for a missing or unreadable file."""
     path = Path(path).expanduser()

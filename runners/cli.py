@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from metarun.data.errors import ConfigError, MetarunError
+from metarun.data.errors import ConfigError, MetarunError, StoppedError
 from metarun.runners import checkpoint, distributed
 from metarun.runners.build import build_store, configure_tf32, resolve_device, validate
 from metarun.runners.evaluate import evaluate
@@ -77,9 +77,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         run_dir, resume_from = distributed.from_main(
             resume_point(cfg, run_dir) if distributed.is_main() else None
         )
-        return Trainer(cfg, run_dir, device).fit(resume_from)
-    finally:
-        distributed.close()
+        results = Trainer(cfg, run_dir, device).fit(resume_from)
+    except BaseException:
+        distributed.close(wait=False)  # no barrier: the other ranks may never reach it
+        raise
+    distributed.close()
+    return results
 
 
 def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path, Path | None]:
@@ -177,6 +180,10 @@ def app(cfg: DictConfig):
     except Exception as err:
         if os.environ.get("METARUN_DEBUG"):
             raise
+        if isinstance(err, StoppedError) and err.exit_code >= 128:
+            # a signal (Ctrl-C, pre-emption) stops the whole command, a sweep too
+            print(f"metarun: {err}", file=sys.stderr)
+            sys.exit(err.exit_code)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # one job of a sweep: record the error and let the other jobs run; the sweep
             # summary (runners/sweep.py) reports it and the sweep exits non-zero
@@ -190,7 +197,7 @@ def app(cfg: DictConfig):
         if not isinstance(err, MetarunError):
             raise
         print(f"metarun: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code if isinstance(err, StoppedError) else 2)
 
 
 def main() -> None:

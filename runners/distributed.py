@@ -60,9 +60,11 @@ def init(device: torch.device) -> torch.device:
     return device
 
 
-def close() -> None:
+def close(wait: bool = True) -> None:
+    """Leave the process group; wait=True first waits for every rank (a normal end)."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -118,3 +120,12 @@ def from_main(obj):
     box = [obj]
     dist.broadcast_object_list(box, 0)
     return box[0]
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of an integer over the ranks (e.g. "did any rank get a signal?")."""
+    t = torch.tensor([value], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

@@ -9,19 +9,23 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 import shutil
+import signal
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from metarun.algorithms.base import NonFiniteLoss
 from metarun.data.episodes import episode_sampler, fixed_episodes
-from metarun.data.errors import ConfigError
+from metarun.data.errors import ConfigError, StoppedError
 from metarun.runners import checkpoint, distributed
 from metarun.runners.build import build_learner, build_stores
 from metarun.runners.evaluate import evaluate, higher_is_better
 from metarun.runners.logging import NullLogger, Progress, RunLogger
+from metarun.runners.stopping import StopSignals
 
 log = logging.getLogger("metarun")
 
@@ -66,6 +70,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.learner = build_learner(cfg).to(device)
         self.learner.set_precision(cfg.trainer.amp)
+        self.learner.nan_policy = cfg.trainer.get("nan_policy", "stop")
         if cfg.trainer.get("compile"):
             check_compiler(device)
             self.learner.compile_network()
@@ -140,24 +145,77 @@ class Trainer:
         progress = Progress(tc.steps, start=self.step, enabled=None if self.main else False)
         window, started = [], time.perf_counter() - self.elapsed
         try:
-            while self.step < tc.steps:
-                episodes = self.sampler.sample(tc.meta_batch)
-                if self.tasks is not None:
-                    episodes = episodes[self.tasks]
-                window.append(self.learner.meta_train_step(episodes))
-                if self.parallel:  # batch-norm running statistics: rank 0's
-                    distributed.broadcast_buffers(self.learner)
-                self.schedule.step()
-                self.step += 1
-                self.elapsed = time.perf_counter() - started
-                row = self.after_step(window, logger)
-                progress.update(self.step, row)
+            with StopSignals() as signals:
+                while self.step < tc.steps:
+                    episodes = self.sampler.sample(tc.meta_batch)
+                    if self.tasks is not None:
+                        episodes = episodes[self.tasks]
+                    try:
+                        window.append(self.learner.meta_train_step(episodes))
+                    except NonFiniteLoss as err:
+                        self.stop_non_finite(err, logger)
+                    if self.parallel:  # batch-norm running statistics: rank 0's
+                        distributed.broadcast_buffers(self.learner)
+                    self.schedule.step()
+                    self.step += 1
+                    self.elapsed = time.perf_counter() - started
+                    row = self.after_step(window, logger)
+                    progress.update(self.step, row)
+                    signum = signals.requested(self.parallel)
+                    if signum is not None:
+                        self.stop_for_signal(signum)
             progress.close()  # before the test summary is printed
             results = self.test(logger) if self.main else {}
         finally:
             progress.close()
             logger.finish()
         return results
+
+    # -- stopping on purpose -----------------------------------------------------------
+    def write_last(self, state: dict) -> None:
+        """last.pt; with trainer.keep_last=N > 1 also step-<N>.pt files, the newest N kept."""
+        keep = int(self.cfg.trainer.get("keep_last", 1))
+        if keep <= 1:
+            checkpoint.save_atomic(state, self.ckpt_dir / "last.pt")
+        else:
+            checkpoint.save_rotating(state, self.ckpt_dir, self.step, keep)
+
+    def save_last(self) -> Path:
+        """last.pt at the current step (rank 0 writes)."""
+        if self.main:
+            self.write_last(self.state())
+        return self.ckpt_dir / "last.pt"
+
+    def resume_hint(self) -> str:
+        """The command that continues this run."""
+        words = ["metarun", *command_overrides(), f"resume={self.run_dir}"]
+        return " ".join(words)
+
+    def stop_for_signal(self, signum: int) -> None:
+        tc = self.cfg.trainer
+        if not (self.step % tc.ckpt_every == 0 or self.step == tc.steps):  # not yet written
+            self.save_last()
+        name = signal.Signals(signum).name
+        raise StoppedError(
+            f"interrupted by {name} at step {self.step} of {self.cfg.trainer.steps}; "
+            f"checkpoint written to {self.ckpt_dir / 'last.pt'}. Resume with:\n"
+            f"  {self.resume_hint()}",
+            exit_code=128 + signum,
+        )
+
+    def stop_non_finite(self, err: NonFiniteLoss, logger) -> None:
+        """trainer.nan_policy=stop: the weights are still those of the last good step."""
+        path = self.save_last()
+        logger.log(self.step + 1, {"nonfinite": 1.0})
+        raise StoppedError(
+            f"{err} at step {self.step + 1}: training stopped, and {path} holds the weights "
+            f"after step {self.step}, the last good one. Likely causes: the outer learning "
+            f"rate (trainer.lr={self.cfg.trainer.lr}) or an inner step size "
+            f"(algo.inner_lr={self.cfg.algo.get('inner_lr')}) too large for this model and "
+            "data, or trainer.amp=fp16 overflowing. Start a new run with smaller values; or "
+            "trainer.nan_policy=skip skips such updates and counts them.",
+            exit_code=3,
+        )
 
     def after_step(self, window: list, logger: RunLogger) -> dict | None:
         """Log, validate and checkpoint on their schedules; returns what was logged."""
@@ -173,6 +231,8 @@ class Trainer:
                 means = distributed.average(means)
             row = dict(zip(window[0], means.tolist()))
             row["lr"] = self.schedule.get_last_lr()[0]
+            if self.learner.skipped_updates:  # trainer.nan_policy=skip
+                row["skipped_updates"] = self.learner.skipped_updates
             row["seconds"] = round(self.elapsed, 3)
             window.clear()
         save_best = False
@@ -182,7 +242,7 @@ class Trainer:
             val = evaluate(self.learner, self.val, self.cfg.eval.batch)
             row.update({f"val_{val['metric']}": val[val["metric"]], "val_ci95": val["ci95"]})
             score = higher_is_better(val)  # accuracy, or minus the MSE
-            if score > self.best_val:
+            if math.isfinite(score) and score > self.best_val:
                 self.best_val, self.best_step, save_best = score, step, True
         if row:  # before the checkpoint: a checkpoint at step N implies its metrics are written
             logger.log(step, row)
@@ -192,13 +252,16 @@ class Trainer:
             if save_best:
                 checkpoint.save_atomic(state, self.ckpt_dir / "best.pt")
             if save_last:
-                checkpoint.save_atomic(state, self.ckpt_dir / "last.pt")
+                self.write_last(state)
         return row or None
 
     def test(self, logger: RunLogger) -> dict:
         """Score the best-validation weights on the fixed test episodes."""
-        best = checkpoint.load(self.ckpt_dir / "best.pt")
-        self.learner.load_state_dict(best["model"])
+        path = self.ckpt_dir / "best.pt"
+        if not path.exists():  # no validation score was finite (e.g. nan_policy=skip)
+            log.warning("no finite validation score in this run: testing the last weights")
+            path, self.best_step = self.ckpt_dir / "last.pt", None
+        self.learner.load_state_dict(checkpoint.load(path)["model"])
         result = evaluate(self.learner, self.test_episodes, self.cfg.eval.batch)
         metric = result["metric"]
         results = results_record(
@@ -217,7 +280,7 @@ class Trainer:
         logger.summary(summary)
         if self.cfg.logger.get("log_checkpoint"):
             logger.log_checkpoint(
-                self.ckpt_dir / "best.pt", self.best_step, {"step": self.best_step, **summary}
+                path, self.best_step or self.step, {"step": self.best_step, **summary}
             )
         return results
 
@@ -251,6 +314,15 @@ def lr_schedule(
             optimizer, lambda step: decay_factor ** (step // decay_every)
         )
     raise ConfigError(f"trainer.schedule={kind!r}; choose constant, cosine, linear or step")
+
+
+def command_overrides() -> list[str]:
+    """This job's command-line overrides (quoted for a shell), or [] outside Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [shlex.quote(o) for o in HydraConfig.get().overrides.task if not o.startswith("resume=")]
 
 
 def check_compiler(device: torch.device) -> None:
