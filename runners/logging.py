@@ -35,6 +35,7 @@ class RunLogger:
     ):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # Hydra made it; from Python, maybe not
         if resume_step is not None:
             self._truncate_after(resume_step)
         self.wandb = None

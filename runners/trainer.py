@@ -116,6 +116,13 @@ class Trainer:
         self.learner.load_state_dict(state["model"])
         self.learner.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
+        # the learning rate of the next step from this run's schedule: the stored one came
+        # from the checkpoint's, which differs when trainer.steps grew (cosine, linear)
+        epoch = self.schedule.last_epoch
+        lrs = [base * f(epoch) for base, f in zip(self.schedule.base_lrs, self.schedule.lr_lambdas)]
+        for group, lr in zip(self.learner.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.schedule._last_lr = lrs
         self.sampler.load_state_dict(state["sampler"])
         checkpoint.set_rng_state(state["rng"])
         self.step, self.best_val, self.best_step = (
