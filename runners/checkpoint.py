@@ -28,6 +28,12 @@ def save_atomic(state: dict, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a quota, a vanished mount
+        previous = "the previous one is intact" if path.exists() else "there was none before"
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({err.strerror or err}); {previous}. Free "
+            "space (or fix the folder), then resume the run with resume=<run folder>"
+        ) from err
     finally:
         tmp.unlink(missing_ok=True)
 

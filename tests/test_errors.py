@@ -36,6 +36,8 @@ def fails(tmp_path, *overrides, env=None):
         (["data.augment=mixup"], "unknown augmentation 'mixup'"),
         (["algo.distance=manhattan"], "unknown distance 'manhattan'"),
         (["backbone.variant=fancy"], "unknown conv4 variant 'fancy'"),
+        (["data=sinusoid", "backbone=mlp"], "algo=protonet is classification-only"),
+        (["data=sinusoid"], "data=sinusoid gives vectors but backbone=conv4 takes images"),
     ],
 )
 def test_bad_settings_get_a_clear_message(tmp_path, overrides, message):
@@ -102,3 +104,27 @@ def test_tf32_switch_sets_both_cuda_flags():
         assert not torch.backends.cuda.matmul.allow_tf32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """A full disk mid-write: the error reaches the caller, the old file still loads, and no
+    temporary file is left behind."""
+    import torch
+
+    from metarun.data.errors import CheckpointError
+    from metarun.runners import checkpoint
+
+    path = tmp_path / "checkpoints" / "last.pt"
+    checkpoint.save_atomic({"model": {"w": torch.ones(3)}, "config": {}, "step": 1}, path)
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous one is intact"):
+        checkpoint.save_atomic({"model": {"w": torch.zeros(3)}, "config": {}, "step": 2}, path)
+    monkeypatch.undo()
+    state = checkpoint.load(path)
+    assert state["step"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]
