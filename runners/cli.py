@@ -85,6 +85,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
+def requeued(run_dir: Path) -> bool:
+    """A job that submitit (the submitit_local / slurm_gpu launchers) started again after a
+    pre-emption or a time-out: it runs in the same job folder, which holds its last.pt."""
+    return bool(os.environ.get("SUBMITIT_EXECUTOR")) and (run_dir / "checkpoints/last.pt").exists()
+
+
 def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path, Path | None]:
     """The run directory to write into and the checkpoint to continue from (or None)."""
     resume_from = None
@@ -96,6 +102,9 @@ def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path, Path | None]:
         resume_from = Path(str(cfg.resume)).expanduser()
         if resume_from.is_dir():
             resume_from = resume_from / "checkpoints" / "last.pt"
+    elif requeued(run_dir):
+        resume_from = run_dir / "checkpoints" / "last.pt"
+        log.info("requeued job (submitit): continuing from its own %s", resume_from)
     if resume_from is not None:
         run_dir = resume_from.parent.parent  # continue writing into the run being resumed
         log.info("continuing run %s", run_dir)

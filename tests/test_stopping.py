@@ -167,3 +167,23 @@ def test_keep_last_keeps_the_newest_step_files_and_last_pt_is_the_newest(tmp_pat
 def test_bad_stopping_settings_are_refused(tmp_path, override, message):
     proc = run_cli(*STEPS, override, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_a_requeued_submitit_job_continues_from_its_own_checkpoint(tmp_path):
+    """submitit restarts a pre-empted job with the same overrides in the same folder; there
+    metarun resumes from that folder's last.pt without resume= (only under submitit)."""
+    run = tmp_path / "run"
+    proc = start(*STEPS, f"hydra.run.dir={run}", cwd=tmp_path)
+    wait_for_training(run, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    stopped_at = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["step"]
+    again = run_cli(
+        *STEPS, f"hydra.run.dir={run}", cwd=tmp_path, env={"SUBMITIT_EXECUTOR": "slurm"}
+    )
+    assert "requeued job (submitit): continuing from" in again.stderr + again.stdout
+    assert f"resumed from {run / 'checkpoints' / 'last.pt'} at step {stopped_at}" in (
+        again.stderr + again.stdout
+    )
+    assert json.loads((run / "results.json").read_text())["steps"] == 60
