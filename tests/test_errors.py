@@ -44,9 +44,17 @@ def test_bad_settings_get_a_clear_message(tmp_path, overrides, message):
     assert message in fails(tmp_path, *overrides)
 
 
-def test_unknown_algorithm_lists_the_choices(tmp_path):
-    stderr = fails(tmp_path, "algo=nosuchalgo")
-    assert "nosuchalgo" in stderr and "protonet" in stderr
+@pytest.mark.parametrize(
+    ("override", "choice"),
+    [
+        ("algo=nosuchalgo", "protonet"),
+        ("data=omniglott", "omniglot_small"),
+        ("backbone=resnet99", "resnet12"),
+    ],
+)
+def test_unknown_algorithm_data_or_backbone_lists_the_choices(tmp_path, override, choice):
+    stderr = fails(tmp_path, override)
+    assert override.split("=")[1] in stderr and "Available options" in stderr and choice in stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from test_wandb import item_key, read_wandb_records
 
 STEPS = [
     "logger=none",
@@ -29,10 +30,11 @@ STEPS = [
 ]
 
 
-def start(*overrides: str, cwd: Path) -> subprocess.Popen:
+def start(*overrides: str, cwd: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "metarun", *overrides],
         cwd=cwd,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -81,15 +83,33 @@ def test_sigterm_writes_a_checkpoint_and_the_printed_command_resumes_exactly(tmp
     assert steps == sorted(set(steps))  # no step logged twice
 
 
-def test_ctrl_c_stops_with_status_130_and_keeps_the_checkpoint(tmp_path):
+def test_ctrl_c_stops_with_status_130_keeps_the_checkpoint_and_closes_wandb(tmp_path):
     run = tmp_path / "run"
-    proc = start(*STEPS, "trainer.steps=100000", f"hydra.run.dir={run}", cwd=tmp_path)
+    proc = start(
+        *STEPS,
+        "trainer.steps=100000",
+        "logger=wandb",
+        "logger.mode=offline",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+        env={**{k: v for k, v in os.environ.items() if k != "WANDB_MODE"}, "WANDB_SILENT": "true"},
+    )
     wait_for_training(run, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted by SIGINT" in err and "Traceback" not in err
-    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["step"] >= 5
+    step = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["step"]
+    assert step >= 5
+    # wandb was flushed and closed: its offline file ends the run and holds the logged steps
+    (run_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    records = read_wandb_records(run_file)
+    assert "exit" in [r.WhichOneof("record_type") for r in records]
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    history = [r.history for r in records if r.WhichOneof("record_type") == "history"]
+    assert [
+        int(next(i.value_json for i in h.item if item_key(i) == "_step")) for h in history
+    ] == logged
 
 
 # MAML on sinusoids with an absurd outer learning rate: after one Adam step of 1e10 the
