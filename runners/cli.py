@@ -69,6 +69,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if not distributed.launched():
         run_dir, resume_from = resume_point(cfg, run_dir)
         return Trainer(cfg, run_dir, device).fit(resume_from)
+    distributed.local_tasks(cfg.trainer.meta_batch)  # an uneven split fails before any work
     device = distributed.init(device)
     try:
         if not distributed.is_main():  # rank 0 speaks for the run

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from test_config import compose_with
+
+from metarun.runners.trainer import Trainer
 
 # regression tasks on the paper's 2x40 network: no batch norm, so a task's gradient does
 # not depend on which other tasks share its process, and no parameter has a zero gradient
@@ -59,6 +62,11 @@ def torchrun(*overrides: str, cwd: Path, nproc: int = 2, check: bool = True):
     return proc
 
 
+def one_process(overrides: list[str], run: Path) -> None:
+    """The reference: the same config trained in this process (as `metarun` would)."""
+    Trainer(compose_with(*overrides), run, torch.device("cpu")).fit()
+
+
 def weights(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"]
 
@@ -76,7 +84,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
 @pytest.mark.parametrize("name", list(LEARNERS))
 def test_two_processes_equal_one_with_the_same_total_meta_batch(tmp_path, name):
     args = [*SINUSOID, *LEARNERS[name], "trainer.steps=6", "trainer.log_every=3"]
-    run_cli(*args, f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    one_process(args, tmp_path / "one")
     torchrun(*args, f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
     # tasks split 2 + 2 and gradients (Reptile's and iMAML's update directions) averaged
@@ -95,7 +103,7 @@ def test_two_processes_equal_one_with_the_same_total_meta_batch(tmp_path, name):
 
 def test_a_two_process_run_resumes_from_its_checkpoint_like_one_process(tmp_path):
     args = [*SINUSOID, *LEARNERS["maml"], "trainer.log_every=3"]
-    run_cli(*args, "trainer.steps=6", f"hydra.run.dir={tmp_path / 'one'}", cwd=tmp_path)
+    one_process([*args, "trainer.steps=6"], tmp_path / "one")
     torchrun(*args, "trainer.steps=3", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
     # every rank continues from rank 0's checkpoint, in rank 0's run directory
     torchrun(
@@ -110,7 +118,7 @@ def test_a_two_process_run_resumes_from_its_checkpoint_like_one_process(tmp_path
     assert not (tmp_path / "elsewhere" / "checkpoints").exists()
 
 
-def test_other_ranks_leave_no_files_and_bad_splits_are_refused(tmp_path):
+def test_other_ranks_leave_no_files(tmp_path):
     run = tmp_path / "run"
     torchrun(
         "logger=none",
@@ -129,14 +137,17 @@ def test_other_ranks_leave_no_files_and_bad_splits_are_refused(tmp_path):
     assert [r["step"] for r in metrics(run)] == [2, 4]
     assert json.loads((run / "results.json").read_text())["episodes"] == 10
 
-    bad = torchrun("logger=none", "trainer.meta_batch=3", cwd=tmp_path, check=False)
-    assert bad.returncode != 0
+
+def test_settings_that_cannot_run_under_torchrun_fail_before_any_work(tmp_path):
+    # torchrun's environment, one process: each check comes before the process group
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    bad = run_cli("logger=none", "trainer.meta_batch=3", cwd=tmp_path, env=env, check=False)
+    assert bad.returncode == 2
     assert "trainer.meta_batch=3 cannot be split evenly over 2 processes" in bad.stderr
-
-    sweep = torchrun("-m", "logger=none", "shot=1,5", cwd=tmp_path, check=False)
-    assert sweep.returncode != 0
+    sweep = run_cli("-m", "logger=none", "shot=1,5", cwd=tmp_path, env=env, check=False)
+    assert sweep.returncode == 2
     assert "a sweep (-m) cannot run under torchrun" in sweep.stderr
-
-    test_mode = torchrun("mode=test", f"ckpt={run}", cwd=tmp_path, check=False)
-    assert test_mode.returncode != 0
+    test_mode = run_cli("mode=test", "ckpt=x.pt", cwd=tmp_path, env=env, check=False)
+    assert test_mode.returncode == 2
     assert "mode=test runs in one process; run it without torchrun" in test_mode.stderr
+    assert not list(tmp_path.glob("outputs/**/checkpoints"))

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
+from test_config import compose_with
 from test_wandb import item_key, read_wandb_records
+
+from metarun.runners.trainer import Trainer
 
 STEPS = [
     "logger=none",
@@ -76,7 +79,7 @@ def test_sigterm_writes_a_checkpoint_and_the_printed_command_resumes_exactly(tmp
     assert json.loads((run / "results.json").read_text())["steps"] == 60
     # ... and ends with the weights of a run that was never interrupted
     whole = tmp_path / "whole"
-    run_cli(*STEPS, f"hydra.run.dir={whole}", cwd=tmp_path)
+    Trainer(compose_with(*STEPS), whole, torch.device("cpu")).fit()  # the same config, here
     a, b = weights(run / "checkpoints" / "last.pt"), weights(whole / "checkpoints" / "last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
