@@ -2,7 +2,9 @@
 
 from .backbones import conv4, koch_siamese, mlp, pixels, resnet12
 from .base import MetaLearner
+from .baseline import Baseline
 from .imaml import IMAML
+from .lstm_meta import LSTMMetaLearner
 from .maml import MAML
 from .mann import MANN
 from .matching import MatchingNet
@@ -12,7 +14,9 @@ from .reptile import Reptile
 from .siamese import Siamese
 
 __all__ = [
+    "Baseline",
     "IMAML",
+    "LSTMMetaLearner",
     "MAML",
     "MANN",
     "MatchingNet",

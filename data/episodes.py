@@ -170,6 +170,57 @@ class EpisodeSampler:
         self.generator.set_state(state["generator"])
 
 
+class ImageBatchSampler:
+    """Ordinary mini-batches for learners that pretrain a classifier over all training
+    classes (Baseline, Baseline++): every image of every (rotated) class is equally likely.
+
+    `sample(n)` returns n images as an Episodes batch of n one-image tasks: support_x
+    [n, 1, C, H, W], support_y zeros, classes [n, 1] the image's global class id (base class
+    b rotated k times is k * n_base + b, as everywhere), no queries. So the same trainer,
+    checkpoints and multi-process split (a process keeps its share of the n images) serve
+    both kinds of training.
+    """
+
+    def __init__(self, store: ClassStore, device="cpu", seed: int = 0, augment: str | None = None):
+        if not isinstance(store, ClassStore):
+            raise ConfigError(
+                "this learner pretrains a classifier on labelled images and needs an image "
+                f"data set with classes, not {type(store).__name__}; use e.g. data=omniglot_small"
+            )
+        if store.n_base < 1 or int(store.counts.sum()) < 1:
+            raise ConfigError("the 'train' split has no images to pretrain on")
+        self.store = store if store.device == torch.device(device) else store.to(device)
+        self.generator = torch.Generator(device=self.store.device).manual_seed(seed)
+        # the base class of every stored row, looked up once
+        self.row_class = torch.repeat_interleave(
+            torch.arange(store.n_base, device=self.store.device), self.store.counts
+        )
+        if augment not in (None, "affine"):
+            raise ConfigError(f"unknown augmentation {augment!r}; use null or affine")
+        self.augment = partial(random_affine, generator=self.generator) if augment else None
+
+    def sample(self, batch_size: int) -> Episodes:
+        store, dev = self.store, self.store.device
+        n_rows = store.images.shape[0]
+        pick = torch.randint(
+            n_rows * store.rotations, (batch_size,), generator=self.generator, device=dev
+        )
+        rows, rot = pick % n_rows, pick // n_rows
+        x = rotate(store.images[rows], rot, store.rotations).float().div_(255.0)
+        if self.augment is not None:
+            x = self.augment(x)
+        classes = (rot * store.n_base + self.row_class[rows])[:, None]
+        zeros = torch.zeros(batch_size, 1, dtype=torch.int64, device=dev)
+        empty = x.new_zeros(batch_size, 0, *x.shape[1:])
+        return Episodes(x[:, None], zeros, empty, zeros[:, :0], classes)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
 class FixedEpisodes:
     """A fixed list of episodes defined by a seed, for validation and testing.
 

@@ -14,6 +14,7 @@ from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.algorithms.base import NAN_POLICIES, MetaLearner
+from metarun.data.episodes import ImageBatchSampler, episode_sampler
 from metarun.data.errors import ConfigError, MetarunError
 from metarun.data.images import Preprocess
 from metarun.data.store import ClassStore
@@ -98,6 +99,44 @@ def build_learner(cfg: DictConfig) -> MetaLearner:
     """The configured algorithm around the configured backbone."""
     backbone = instantiate_clean(without(cfg.backbone, BACKBONE_META_KEYS))
     return instantiate_clean(without(cfg.algo, ("name",)), backbone=backbone)
+
+
+def learner_class(cfg: DictConfig) -> type | None:
+    """The configured learner's class, or None when its target cannot be imported (that
+    fails later, with Hydra's own message)."""
+    try:
+        return get_class(cfg.algo._target_)
+    except Exception:
+        return None
+
+
+def train_sampler(cfg: DictConfig, store, device):
+    """What the trainer draws each step: random episodes (way, shot, query), or, for
+    learners that pretrain a classifier over all training classes (`trains_on = "images"`,
+    e.g. Baseline), mini-batches of images labelled by global class id. For the latter,
+    algo.num_classes is set here from the data (it must cover every training class)."""
+    augment = cfg.data.get("augment")
+    if getattr(learner_class(cfg), "trains_on", "episodes") != "images":
+        return episode_sampler(
+            store,
+            cfg.way,
+            cfg.shot,
+            cfg.query,
+            device,
+            seed=cfg.seed,
+            split="train",
+            augment=augment,
+        )
+    sampler = ImageBatchSampler(store, device, seed=cfg.seed, augment=augment)
+    have, need = OmegaConf.select(cfg, "algo.num_classes"), store.num_classes
+    if have is None:
+        OmegaConf.update(cfg, "algo.num_classes", need, force_add=True)
+    elif have < need:
+        raise ConfigError(
+            f"algo.num_classes={have} but the training split has {need} classes; leave "
+            "algo.num_classes unset (null) and it is taken from the data"
+        )
+    return sampler
 
 
 def preprocess_of(data_cfg: DictConfig) -> Preprocess:

@@ -19,10 +19,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.algorithms.base import NonFiniteLoss
-from metarun.data.episodes import episode_sampler, fixed_episodes
+from metarun.data.episodes import fixed_episodes
 from metarun.data.errors import ConfigError, StoppedError
 from metarun.runners import checkpoint, distributed
-from metarun.runners.build import build_learner, build_stores
+from metarun.runners.build import build_learner, build_stores, train_sampler
 from metarun.runners.evaluate import evaluate, higher_is_better
 from metarun.runners.logging import NullLogger, Progress, RunLogger
 from metarun.runners.stopping import StopSignals
@@ -55,16 +55,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir / "checkpoints"
         stores = build_stores(cfg.data)
         # every shape check happens here, before the first step
-        self.sampler = episode_sampler(
-            stores["train"],
-            cfg.way,
-            cfg.shot,
-            cfg.query,
-            device,
-            seed=cfg.seed,
-            split="train",
-            augment=cfg.data.get("augment"),
-        )
+        self.sampler = train_sampler(cfg, stores["train"], device)
         self.val = eval_episodes(cfg, stores["val"], cfg.trainer.val_episodes, device, "val")
         self.test_episodes = eval_episodes(cfg, stores["test"], cfg.eval.episodes, device, "test")
         torch.manual_seed(cfg.seed)

@@ -16,7 +16,7 @@ from metarun.data.synthetic import synthetic
 from metarun.runners.build import build_learner
 
 LEARNERS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
-INNER_LOOP = {"maml", "fomaml", "metasgd", "anil", "reptile", "imaml"}
+INNER_LOOP = {"maml", "fomaml", "metasgd", "anil", "reptile", "imaml", "lstm_meta"}
 
 
 def small_learner(name: str):
@@ -25,6 +25,9 @@ def small_learner(name: str):
         "imaml": ["algo.inner_steps=2", "algo.cg_steps=2"],
         "reptile": ["algo.inner_steps=2"],
         "mann": ["algo.controller_size=32", "algo.memory_slots=16"],
+        # the trainer takes it from the data (synthetic: 200 training classes)
+        "baseline": ["algo.num_classes=200"],
+        "baseline_pp": ["algo.num_classes=200"],
     }
     cfg = compose_with(f"algo={name}", "way=5", *extra.get(name, []))
     torch.manual_seed(0)

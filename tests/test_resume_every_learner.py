@@ -22,6 +22,7 @@ SMALL = {
     "maml": ["algo.test_inner_steps=1"],
     "mann": ["algo.controller_size=32", "algo.memory_slots=16"],
     "siamese": ["algo.pairs_per_task=8"],
+    "lstm_meta": ["algo.inner_steps=2", "backbone.hidden=8"],
 }
 
 
