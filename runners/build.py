@@ -209,11 +209,8 @@ def check_learner_fits_data(cfg: DictConfig) -> None:
             f"{backbone_inputs}; use {hint}"
         )
     if cfg.data.get("task", "classification") == "regression":
-        try:
-            learner = get_class(cfg.algo._target_)
-        except Exception:  # an unknown target fails later, with Hydra's own message
-            return
-        if not getattr(learner, "supports_regression", False):
+        learner = learner_class(cfg)
+        if learner is not None and not getattr(learner, "supports_regression", False):
             raise ConfigError(
                 f"algo={cfg.algo.name} is classification-only and data={cfg.data.name} is "
                 "regression; use algo=maml, fomaml, metasgd, anil, reptile or imaml"
