@@ -11,7 +11,7 @@ from torch import nn
 from metarun.data.episodes import Episodes
 from metarun.data.errors import ConfigError
 
-from .base import MetaLearner, feature_shape, infer_way, positive_ints
+from .base import MetaLearner, embed_tasks, feature_shape, infer_way, positive_ints
 
 CLASSIFIERS = ("linear", "cosine")
 
@@ -167,10 +167,8 @@ class Baseline(MetaLearner):
 
     def predict(self, support_x, support_y, query_x, way=None):
         way = infer_way(support_y, way)
-        b, ns, nq = support_x.shape[0], support_x.shape[1], query_x.shape[1]
-        with torch.no_grad(), self.autocast():
-            z = self.embed(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)])).float()
-        zs, zq = z[: b * ns].unflatten(0, (b, ns)), z[b * ns :].unflatten(0, (b, nq))
         with torch.no_grad():
-            weight, bias = self.fit_heads(zs, support_y, way)
-            return self.logits(zq, weight, bias)
+            with self.autocast():
+                zs, zq = embed_tasks(self.backbone, support_x, query_x)
+            weight, bias = self.fit_heads(zs.float(), support_y, way)
+            return self.logits(zq.float(), weight, bias)
