@@ -83,7 +83,9 @@ class LSTMMetaLearner(HeadLearner):
         super().__init__(backbone, way, batch_statistics=True)
         self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
         self.grad_clip = grad_clip
-        self.learner_names = [n for n, _ in self.named_parameters()]  # before the LSTM's
+        # the learner's weights: those registered before the LSTM's
+        self.learner_names = [n for n, _ in self.named_parameters()]
+        self.learner_shapes = [p.shape for p in self.parameters()]
         self.lstm = nn.LSTMCell(4, hidden_size)
         # layer 2: [h_t, theta_{t-1}, gate_{t-1}] -> gate, for the input and forget gates
         self.gate_weights = nn.Parameter(torch.empty(2, hidden_size + 2).uniform_(-0.01, 0.01))
@@ -99,7 +101,7 @@ class LSTMMetaLearner(HeadLearner):
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """A task's weight vector [n] -> the learner's named weights."""
-        shapes = [p.shape for p in self.learner_params()]
+        shapes = self.learner_shapes
         parts = flat.split([math.prod(s) for s in shapes])
         return {n: t.view(s) for n, t, s in zip(self.learner_names, parts, shapes)}
 
@@ -129,8 +131,8 @@ class LSTMMetaLearner(HeadLearner):
                 *(self.loss_and_grad(theta[t], support_x[t], support_y[t], way) for t in range(b))
             )
             grad = torch.stack(grads)  # [B, n]
-            loss = torch.stack(losses)[:, None].expand(b, n)
-            inputs = torch.cat([preprocess(grad), preprocess(loss)], -1).reshape(b * n, 4)
+            loss = preprocess(torch.stack(losses))[:, None].expand(b, n, 2)  # one per task
+            inputs = torch.cat([preprocess(grad), loss], -1).reshape(b * n, 4)
             state = None if hidden is None else (hidden, cell)
             hidden, cell = self.lstm(inputs, state)  # layer 1, one row per coordinate
             h = hidden.view(b, n, -1)
