@@ -124,7 +124,28 @@ def gather(
     return Episodes(support_x, support_y, query_x, query_y, classes)
 
 
-class EpisodeSampler:
+def train_augmentation(augment: str | None, generator: torch.Generator):
+    """data.augment as a function of float images [N, C, H, W] drawing from `generator`
+    (None: no augmentation); a ConfigError for an unknown name."""
+    if augment not in (None, "affine"):
+        raise ConfigError(f"unknown augmentation {augment!r}; use null or affine")
+    return partial(random_affine, generator=generator) if augment else None
+
+
+class SeededSampler:
+    """A training sampler whose draws all come from `self.generator`: its state is the
+    generator's, saved in checkpoints so that a resumed run draws what the whole run would."""
+
+    generator: torch.Generator
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class EpisodeSampler(SeededSampler):
     """Random N-way K-shot tasks from a class store, on the store's device.
 
     >>> tasks = EpisodeSampler(store, way=5, shot=1, query=15, device="cpu", seed=0)
@@ -147,9 +168,7 @@ class EpisodeSampler:
         self.way, self.shot, self.query = way, shot, query
         self.generator = torch.Generator(device=self.store.device).manual_seed(seed)
         self._s_max = int(store.counts.max())
-        if augment not in (None, "affine"):
-            raise ConfigError(f"unknown augmentation {augment!r}; use null or affine")
-        self.augment = partial(random_affine, generator=self.generator) if augment else None
+        self.augment = train_augmentation(augment, self.generator)
 
     def sample(self, batch_size: int) -> Episodes:
         classes, samples = sample_indices(
@@ -163,14 +182,8 @@ class EpisodeSampler:
         )
         return gather(self.store, classes, samples, self.shot, self.augment)
 
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
-
-
-class ImageBatchSampler:
+class ImageBatchSampler(SeededSampler):
     """Ordinary mini-batches for learners that pretrain a classifier over all training
     classes (Baseline, Baseline++): every image of every (rotated) class is equally likely.
 
@@ -195,9 +208,7 @@ class ImageBatchSampler:
         self.row_class = torch.repeat_interleave(
             torch.arange(store.n_base, device=self.store.device), self.store.counts
         )
-        if augment not in (None, "affine"):
-            raise ConfigError(f"unknown augmentation {augment!r}; use null or affine")
-        self.augment = partial(random_affine, generator=self.generator) if augment else None
+        self.augment = train_augmentation(augment, self.generator)
 
     def sample(self, batch_size: int) -> Episodes:
         store, dev = self.store, self.store.device
@@ -213,12 +224,6 @@ class ImageBatchSampler:
         zeros = torch.zeros(batch_size, 1, dtype=torch.int64, device=dev)
         empty = x.new_zeros(batch_size, 0, *x.shape[1:])
         return Episodes(x[:, None], zeros, empty, zeros[:, :0], classes)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
 
 class FixedEpisodes:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .episodes import Episodes
+from .episodes import Episodes, SeededSampler
 from .errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -91,7 +91,7 @@ def to_episodes(x: torch.Tensor, y: torch.Tensor, shot: int) -> Episodes:
     return Episodes(x[:, :shot], y[:, :shot], x[:, shot:], y[:, shot:], classes)
 
 
-class SinusoidSampler:
+class SinusoidSampler(SeededSampler):
     """Random sinusoid tasks; the same interface as EpisodeSampler."""
 
     def __init__(self, tasks: SinusoidTasks, way, shot, query, device="cpu", seed=0):
@@ -103,12 +103,6 @@ class SinusoidSampler:
     def sample(self, batch_size: int) -> Episodes:
         x, y, _, _ = self.tasks.draw(batch_size, self.shot + self.query, self.generator)
         return to_episodes(x, y, self.shot)
-
-    def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["generator"])
 
 
 class FixedSinusoidEpisodes:
