@@ -47,7 +47,9 @@ class MAML(HeadLearner):
 
     batched: "loop" adapts task after task; "vmap" runs all tasks of a batch at once
     with torch.func.vmap (batched weights become grouped convolutions); "auto" picks
-    from measurements (see use_vmap and make bench). Both give the same meta-gradients.
+    from measurements: vmap on CUDA and for fully connected networks on the CPU, the loop
+    for convolutional ones on the CPU (see use_vmap and make bench).
+    Both give the same meta-gradients (up to float rounding).
 
     predict adapts with `test_inner_steps` at step size `test_inner_lr` (default:
     inner_lr) in eval mode and `inner_steps` at `inner_lr` in training mode. Evaluation runs under torch.no_grad; the adaptation turns
@@ -102,6 +104,7 @@ class MAML(HeadLearner):
             )
         self.batched = batched
         super().__init__(backbone, way, batch_statistics=batch_norm == "transductive")
+        self.has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in backbone.modules())
         self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
         self.inner_lr, self.first_order, self.adapt = float(inner_lr), first_order, adapt
         self.test_inner_lr = self.inner_lr if test_inner_lr is None else float(test_inner_lr)
@@ -178,12 +181,14 @@ class MAML(HeadLearner):
         return torch.func.vmap(one_task)(support_x, support_y, query_x)
 
     def use_vmap(self, device: torch.device, steps: int) -> bool:
-        """batched="auto": measured on 2 CPU cores (benchmarks/bench_maml.py), vmap ran a
-        1-step 5-way 1-shot meta-batch 1.5x faster than the loop and a 5-step 20-way one
-        0.7x as fast; so on the CPU, vmap for 1-step adaptation only. On CUDA, vmap
-        (one launch per layer for all tasks instead of one per task)."""
+        """batched="auto": vmap on CUDA (one launch per layer for all tasks instead of one
+        per task). On the CPU, vmap for networks without convolutions and the loop for
+        convolutional ones, from benchmarks/bench_maml.py and the sinusoid MLP on 2 threads:
+        the 40-40 MLP ran 7x faster under vmap (batched matrix products) at 1 and 5 steps;
+        the strided conv4, whose per-task weights become grouped convolutions, 0.7-1.05x as
+        fast at 1 step (two machines) and 0.35-0.7x at 5 steps."""
         if self.batched == "auto":
-            return device.type == "cuda" or steps == 1
+            return device.type == "cuda" or not self.has_conv
         return self.batched == "vmap"
 
     def predict(self, support_x, support_y, query_x, way=None):
