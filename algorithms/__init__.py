@@ -8,6 +8,7 @@ from .lstm_meta import LSTMMetaLearner
 from .maml import MAML
 from .mann import MANN
 from .matching import MatchingNet
+from .metanet import MetaNet
 from .protonet import ProtoNet
 from .relation import RelationNet
 from .reptile import Reptile
@@ -20,6 +21,7 @@ __all__ = [
     "MAML",
     "MANN",
     "MatchingNet",
+    "MetaNet",
     "MetaLearner",
     "ProtoNet",
     "RelationNet",
