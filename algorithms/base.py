@@ -46,6 +46,10 @@ class MetaLearner(nn.Module):
     inner_loop = False
     # why trainer.compile=true is refused, for learners where torch.compile does not work
     compile_refusal: str | None = None
+    title = "this"  # how error messages name the learner
+    # learners with a fixed-size output layer set self.way: tasks with more classes are
+    # refused (check_way), fewer use its first outputs
+    way: int | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -88,6 +92,13 @@ class MetaLearner(nn.Module):
             "loss": loss.detach(),
             metric_name(episodes.query_y): task_scores(logits, episodes.query_y),
         }
+
+    def check_way(self, way: int) -> None:
+        if self.way is not None and way > self.way:
+            raise ConfigError(
+                f"this {self.title} model has a {self.way}-way output layer and cannot score "
+                f"{way}-way tasks; test with way <= {self.way}, or train with way={way}"
+            )
 
     def test_report(self, episodes, batch_size: int | None = None) -> dict:
         """Extra figures for results.json after the standard test (e.g. MANN's accuracy by
@@ -300,7 +311,6 @@ class HeadLearner(MetaLearner):
     classes than the head use its first outputs; more classes are refused.
     """
 
-    title = "this"  # how error messages name the learner
     supports_regression = True
     inner_loop = True
 
@@ -317,10 +327,3 @@ class HeadLearner(MetaLearner):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> logits [N, way] with the module's own (initial) weights."""
         return self.head(self.backbone(x).flatten(1))
-
-    def check_way(self, way: int) -> None:
-        if way > self.way:
-            raise ConfigError(
-                f"this {self.title} model has a {self.way}-way head and cannot score {way}-way "
-                f"tasks; test with way <= {self.way}, or train with way={way}"
-            )

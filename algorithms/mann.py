@@ -115,6 +115,8 @@ class MemoryState:
 class MANN(MetaLearner):
     """MANN with Least Recently Used Access (see the module docstring for the equations)."""
 
+    title = "MANN"
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -367,13 +369,6 @@ class MANN(MetaLearner):
         return self.backbone(x.flatten(0, 1)).flatten(1).unflatten(0, x.shape[:2])
 
     # -- the contract ----------------------------------------------------------------
-    def check_way(self, way: int) -> None:
-        if way > self.way:
-            raise ConfigError(
-                f"this MANN was built for {self.way}-way episodes (algo.way) and cannot "
-                f"score {way}-way tasks; test with way <= {self.way}, or train with way={way}"
-            )
-
     def sequence_scores(self, x, y, way, generator=None):
         """Present labelled sequences x [B, T, ...], y [B, T]: per-step class scores
         [B, T, way] (scores at step t are made before y_t is shown)."""

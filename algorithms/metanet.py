@@ -172,14 +172,6 @@ class MetaNet(MetaLearner):
         return self.m(preprocess(self.example_gradients(f, y, way))).squeeze(-1).to(f.dtype)
 
     # -- the contract -------------------------------------------------------------------
-    def check_way(self, way: int) -> None:
-        if way > self.way:
-            raise ConfigError(
-                f"this Meta Network was built for {self.way}-way episodes (algo.way) and "
-                f"cannot score {way}-way tasks; test with way <= {self.way}, or train with "
-                f"way={way}"
-            )
-
     def predict(self, support_x, support_y, query_x, way=None):
         return self.forward_task(support_x, support_y, query_x, way)[0]
 

@@ -138,7 +138,7 @@ def test_predict_shapes_eval_steps_and_head_size():
     assert logits.shape == (3, 7, 5) and not logits.requires_grad
     torch.testing.assert_close(logits, unadapted)  # test_inner_steps=0: no adaptation
     assert three_way.shape == (3, 7, 3)
-    with pytest.raises(ConfigError, match="5-way head"):
+    with pytest.raises(ConfigError, match="5-way output layer"):
         learner.predict(sx, sy, qx, way=6)
 
 

@@ -89,7 +89,7 @@ def test_predict_contract():
     assert all(torch.equal(v, before[k]) for k, v in learner.state_dict().items())
     with torch.no_grad():  # fewer classes than the output layer: its first outputs
         assert learner.predict(support_x[:, :4], support_y[:, :4], query_x, 2).shape == (2, 9, 2)
-    with pytest.raises(ConfigError, match="built for 3-way"):
+    with pytest.raises(ConfigError, match="3-way output layer"):
         learner.predict(torch.rand(1, 4, 1, 28, 28), torch.arange(4)[None], query_x[:1], 4)
 
 
