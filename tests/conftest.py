@@ -115,3 +115,13 @@ def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     run_cli(*FAST, f"hydra.run.dir={root / 'run'}", cwd=root)
     return root / "run"
+
+
+def contract_inputs(way: int = 3, shot: int = 2, queries: int = 9, tasks: int = 2):
+    """Random 28x28 images for predict-contract tests: support [tasks, way * shot] with
+    labels 0..way-1 (each `shot` times, grouped), queries [tasks, queries]."""
+    import torch
+
+    support_x = torch.rand(tasks, way * shot, 1, 28, 28)
+    support_y = torch.arange(way).repeat_interleave(shot).expand(tasks, -1)
+    return support_x, support_y, torch.rand(tasks, queries, 1, 28, 28)

@@ -7,7 +7,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from conftest import learning_run
+from conftest import contract_inputs, learning_run
 
 from metarun.algorithms import conv4
 from metarun.algorithms.lstm_meta import LSTMMetaLearner, preprocess
@@ -58,8 +58,7 @@ def test_the_query_loss_trains_the_initial_weights_and_every_lstm_weight():
 
 def test_predict_contract():
     learner = small(inner_steps=2, test_inner_steps=3).eval()
-    support_x, query_x = torch.rand(2, 6, 1, 28, 28), torch.rand(2, 9, 1, 28, 28)
-    support_y = torch.arange(3).repeat_interleave(2).expand(2, -1)
+    support_x, support_y, query_x = contract_inputs()
     before = {k: v.clone() for k, v in learner.state_dict().items()}
     with torch.no_grad():
         logits = learner.predict(support_x, support_y, query_x, 3)

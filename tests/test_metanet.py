@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import learning_run
+from conftest import contract_inputs, learning_run
 
 from metarun.algorithms import conv4
 from metarun.algorithms.metanet import MetaNet
@@ -77,8 +77,7 @@ def test_the_fast_weights_change_the_predictions():
 
 def test_predict_contract():
     learner = small().eval()
-    support_x, query_x = torch.rand(2, 6, 1, 28, 28), torch.rand(2, 9, 1, 28, 28)
-    support_y = torch.arange(3).repeat_interleave(2).expand(2, -1)
+    support_x, support_y, query_x = contract_inputs()
     before = {k: v.clone() for k, v in learner.state_dict().items()}
     with torch.no_grad():
         logits = learner.predict(support_x, support_y, query_x, 3)
