@@ -85,7 +85,7 @@ class MetaNet(MetaLearner):
         positive_ints(way=way, repr_dim=repr_dim, hidden_size=hidden_size, pairs=pairs)
         if not repr_weight >= 0:
             raise ConfigError(f"algo.repr_weight must be >= 0, got {repr_weight!r}")
-        features = math.prod(feature_shape(backbone, "Meta Networks"))
+        features = math.prod(feature_shape(backbone, self.title))
         self.way, self.pairs, self.repr_weight = way, pairs, float(repr_weight)
         self.backbone = backbone  # f, the base learner's
         self.shared_backbone = bool(shared_backbone)
@@ -111,9 +111,12 @@ class MetaNet(MetaLearner):
             return (fs, fq), (fs, fq)
         return (fs, fq), embed_tasks(self.repr_backbone, support_x, query_x)
 
-    def represent(self, g: torch.Tensor, fast: torch.Tensor | None) -> torch.Tensor:
-        """u: Q g (+ Q* g with the task's fast weights fast [B, E, D])."""
-        r = self.repr(g)
+    def represent(
+        self, g: torch.Tensor, fast: torch.Tensor | None, slow: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """u: Q g (+ Q* g with the task's fast weights fast [B, E, D]); `slow`: Q g when the
+        caller has it already."""
+        r = self.repr(g) if slow is None else slow
         if fast is None:
             return r
         return r + torch.einsum("bed,bnd->bne", fast, g)
@@ -137,10 +140,10 @@ class MetaNet(MetaLearner):
         same = (y[:, i] == y[:, j]).to(logit.dtype)
         return F.binary_cross_entropy_with_logits(logit, same, reduction="none"), logit, same
 
-    def pair_gradients(self, g: torch.Tensor, y: torch.Tensor, i, j):
-        """dL_ij/dQ for every pair, in closed form, as meta information (no graph):
-        g [B, n, D] -> [B, T, E, D]; and the mean representation loss (with its graph)."""
-        r = self.repr(g)  # [B, n, E]
+    def pair_gradients(self, r: torch.Tensor, g: torch.Tensor, y: torch.Tensor, i, j):
+        """dL_ij/dQ for every pair, in closed form, as meta information (no graph): from the
+        slow representation r = Q g [B, n, E] and g [B, n, D] -> [B, T, E, D]; and the mean
+        representation loss (with its graph)."""
         losses, logit, same = self.pair_losses(r, y, i, j)
         with torch.no_grad():
             # dL/dr_i = (sigmoid(logit) - same) v * sign(r_i - r_j); dL/dr_j is its negative
@@ -178,18 +181,18 @@ class MetaNet(MetaLearner):
     def forward_task(self, support_x, support_y, query_x, way=None):
         way = infer_way(support_y, way)
         self.check_way(way)
-        (fs, fq), (gs, gq) = self.features(support_x, query_x)
-        fs, fq, gs, gq = (t.flatten(2) for t in (fs, fq, gs, gq))
+        (fs, fq), (gs, gq) = self.features(support_x, query_x)  # [B, n, D] each
+        slow_keys = self.repr(gs)  # Q g of the support set: the pair loss's and the keys'
         # 1. task-level fast weights Q* from the representation loss's gradients
         i, j = self.pair_index(support_y.shape[1], support_y.device)
         if i.numel():
-            pair_grads, repr_loss = self.pair_gradients(gs, support_y, i, j)
+            pair_grads, repr_loss = self.pair_gradients(slow_keys, gs, support_y, i, j)
             fast_q = self.task_fast_weights(pair_grads)
         else:  # a single support example has no pairs: no task-level fast weights
             repr_loss, fast_q = fs.new_zeros(()), None
         # 2. example-level fast weights W*_i and the memory of representations
         memory = self.example_fast_weights(fs, support_y, way)  # [B, ns, way, D]
-        keys = self.represent(gs, fast_q)  # [B, ns, E]
+        keys = self.represent(gs, fast_q, slow_keys)  # [B, ns, E]
         # 3. queries: attention over the support set, then the augmented output layer
         r = self.represent(gq, fast_q)  # [B, nq, E]
         attention = (F.normalize(r, dim=-1) @ F.normalize(keys, dim=-1).transpose(1, 2)).softmax(

@@ -23,7 +23,7 @@ def test_pair_gradients_match_autograd_pair_by_pair():
     g = torch.randn(2, 4, 8, dtype=torch.double)
     y = torch.tensor([[0, 1, 1, 2], [2, 2, 0, 1]])
     i, j = torch.triu_indices(4, 4, offset=1)
-    grads, mean_loss = learner.pair_gradients(g, y, i, j)
+    grads, mean_loss = learner.pair_gradients(learner.repr(g), g, y, i, j)
     assert grads.shape == (2, 6, 6, 8)
     losses, _, same = learner.pair_losses(learner.repr(g), y, i, j)
     assert same.sum() == 2  # each task has one same-class pair among its 6
