@@ -7,13 +7,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from metarun.data.episodes import Episodes
 from metarun.data.errors import ConfigError
 
-from .base import HeadLearner, infer_way, positive_ints, supervised_loss
+from . import task_threads
+from .base import HeadLearner, infer_way, metric_name, positive_ints, supervised_loss, task_scores
 
 BATCH_NORM = ("transductive", "running")
 ADAPT = ("all", "head")
-BATCHED = ("auto", "loop", "vmap")
+BATCHED = ("auto", "loop", "vmap", "threads")
 
 
 class MAML(HeadLearner):
@@ -46,10 +48,12 @@ class MAML(HeadLearner):
     so queries are scored independently.
 
     batched: "loop" adapts task after task; "vmap" runs all tasks of a batch at once
-    with torch.func.vmap (batched weights become grouped convolutions); "auto" picks
-    from measurements: vmap on CUDA and for fully connected networks on the CPU, the loop
-    for convolutional ones on the CPU (see use_vmap and make bench).
-    Both give the same meta-gradients (up to float rounding).
+    with torch.func.vmap (batched weights become grouped convolutions); "threads" splits
+    the tasks of a batch into one group per intra-op thread and runs the groups on CPU
+    worker threads with one intra-op thread each, the meta-gradient of each group taken
+    in its thread and summed in group order (task_threads.py); "auto" picks from
+    measurements (see formulation and make bench). All give the same meta-gradients (up
+    to float rounding).
 
     predict adapts with `test_inner_steps` at step size `test_inner_lr` (default:
     inner_lr) in eval mode and `inner_steps` at `inner_lr` in training mode. Evaluation runs under torch.no_grad; the adaptation turns
@@ -97,12 +101,13 @@ class MAML(HeadLearner):
             raise ConfigError(f"algo.batch_norm={batch_norm!r}; choose one of {BATCH_NORM}")
         if batched not in BATCHED:
             raise ConfigError(f"algo.batched={batched!r}; choose one of {BATCHED}")
-        if batched == "vmap" and batch_norm == "running":
+        if batched in ("vmap", "threads") and batch_norm == "running":
             raise ConfigError(
-                "algo.batched=vmap cannot update batch-norm running statistics inside vmap; "
-                "use algo.batched=loop with algo.batch_norm=running"
+                f"algo.batched={batched} cannot update batch-norm running statistics (inside "
+                "vmap, or from several threads at once); use algo.batched=loop with "
+                "algo.batch_norm=running"
             )
-        self.batched = batched
+        self.batched, self.batch_norm = batched, batch_norm
         super().__init__(backbone, way, batch_statistics=batch_norm == "transductive")
         self.has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in backbone.modules())
         self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
@@ -180,16 +185,51 @@ class MAML(HeadLearner):
 
         return torch.func.vmap(one_task)(support_x, support_y, query_x)
 
-    def use_vmap(self, device: torch.device, steps: int) -> bool:
-        """batched="auto": vmap on CUDA (one launch per layer for all tasks instead of one
-        per task). On the CPU, vmap for networks without convolutions and the loop for
-        convolutional ones, from benchmarks/bench_maml.py and the sinusoid MLP on 2 threads:
-        the 40-40 MLP ran 7x faster under vmap (batched matrix products) at 1 and 5 steps;
-        the strided conv4, whose per-task weights become grouped convolutions, 0.7-1.05x as
-        fast at 1 step (two machines) and 0.35-0.7x at 5 steps."""
-        if self.batched == "auto":
-            return device.type == "cuda" or not self.has_conv
-        return self.batched == "vmap"
+    def threaded_logits(self, support_x, support_y, query_x, steps, way, create_graph):
+        """task_logits for every task, the tasks split among worker threads; each group
+        works on its own replica of the module (functional_call swaps tensors into it)."""
+
+        def work(part: range) -> torch.Tensor:
+            net = task_threads.replica(self)
+            with torch.enable_grad():
+                return torch.stack(
+                    [
+                        net.task_logits(
+                            support_x[i], support_y[i], query_x[i], steps, way, create_graph
+                        )
+                        for i in part
+                    ]
+                )
+
+        parts = task_threads.groups(len(support_x), torch.get_num_threads())
+        return torch.cat(task_threads.run(work, parts))
+
+    def formulation(self, device: torch.device, tasks: int) -> str:
+        """How `tasks` tasks are run: "loop", "vmap" or "threads" (algo.batched).
+
+        "auto", from benchmarks/bench_maml.py and the sinusoid MLP (2-core CPU): vmap on
+        CUDA (one launch per layer for all tasks instead of one per task); on the CPU, vmap
+        for networks without convolutions (the 40-40 MLP ran 7x faster under vmap than the
+        loop, at 1 and 5 steps); for convolutional ones, whose per-task weights become
+        grouped convolutions under vmap (0.7-1.05x the loop at 1 step, 0.35-0.7x at 5),
+        worker threads when there are several intra-op threads and tasks (1.2-1.4x the
+        loop), else the loop. With batch_norm="running" always the loop, the one formulation
+        that updates running statistics."""
+        batched = self.batched
+        if batched == "auto":
+            if self.batch_norm == "running":
+                batched = "loop"  # the only one that updates running statistics
+            elif device.type == "cuda" or not self.has_conv:
+                batched = "vmap"
+            elif torch.get_num_threads() > 1:
+                batched = "threads"
+            else:
+                batched = "loop"
+        if batched == "threads" and (
+            device.type != "cpu" or tasks < 2 or torch.get_num_threads() < 2
+        ):
+            return "loop"  # CPU threads only; with one group there is nothing to share out
+        return batched
 
     def predict(self, support_x, support_y, query_x, way=None):
         way = infer_way(support_y, way)
@@ -198,8 +238,13 @@ class MAML(HeadLearner):
         steps = self.inner_steps if self.training else self.test_inner_steps
         create_graph = self.training and train_graph and not self.first_order
         with torch.enable_grad():  # adaptation needs gradients, even inside evaluation
-            if self.use_vmap(support_x.device, steps):
+            how = self.formulation(support_x.device, len(support_x))
+            if how == "vmap":
                 logits = self.vmapped_logits(
+                    support_x, support_y, query_x, steps, way, create_graph
+                )
+            elif how == "threads":
+                logits = self.threaded_logits(
                     support_x, support_y, query_x, steps, way, create_graph
                 )
             else:
@@ -210,3 +255,48 @@ class MAML(HeadLearner):
                     ]
                 )
         return logits if train_graph else logits.detach()
+
+    def meta_train_step(self, episodes: Episodes) -> dict[str, torch.Tensor]:
+        """The default step, except with batched="threads": there each worker thread also
+        takes its group's share of the meta-gradient (autograd.grad of its part of the
+        mean query loss), so the backward pass, most of the work, runs in parallel too;
+        the calling thread sums the parts in group order and makes the update."""
+        tasks = episodes.batch_size
+        if self.scaler is not None or self.formulation(episodes.support_x.device, tasks) != (
+            "threads"
+        ):
+            return super().meta_train_step(episodes)
+        self.check_way(episodes.way)
+        self.train()
+        params = [p for p in self.parameters() if p.requires_grad]
+        create_graph = not self.first_order
+
+        def work(part: range):
+            net = task_threads.replica(self)
+            ep = episodes[part.start : part.stop]
+            with torch.enable_grad(), self.autocast():
+                logits = torch.stack(
+                    [
+                        net.task_logits(sx, sy, qx, self.inner_steps, ep.way, create_graph)
+                        for sx, sy, qx in zip(ep.support_x, ep.support_y, ep.query_x)
+                    ]
+                )
+                loss = self.loss(logits, ep.query_y)
+                share = loss * (len(part) / tasks)  # this group's part of the mean loss
+            grads = torch.autograd.grad(share, params, allow_unused=True)
+            return logits.detach(), share.detach(), grads
+
+        parts = task_threads.groups(tasks, torch.get_num_threads())
+        results = task_threads.run(work, parts)
+        self.optimizer.zero_grad(set_to_none=True)
+        for i, p in enumerate(params):
+            shares = [grads[i] for _, _, grads in results if grads[i] is not None]
+            if shares:
+                p.grad = torch.stack(shares).sum(0)
+        loss = torch.stack([share for _, share, _ in results]).sum()
+        self.apply_gradients(loss)
+        logits = torch.cat([logits for logits, _, _ in results])
+        return {
+            "loss": loss,
+            metric_name(episodes.query_y): task_scores(logits, episodes.query_y),
+        }

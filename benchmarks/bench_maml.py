@@ -5,8 +5,10 @@ Speed, two configs (second-order MAML, the strided conv4 of learn2learn's Omnigl
   (a) 5-way 1-shot, 5 queries per class, meta-batch 32, 1 inner step
   (b) 20-way 1-shot, 5 queries per class, meta-batch 16, 5 inner steps
 Sides, each a full meta-training step (inner loop, query loss, backward, Adam step):
-  metarun  MAML(batched="auto") as the runner uses it, and its two formulations,
-           batched="loop" (task after task) and batched="vmap" (torch.func.vmap over tasks)
+  metarun  MAML(batched="auto") as the runner uses it, and its three formulations,
+           batched="loop" (task after task), batched="vmap" (torch.func.vmap over tasks)
+           and batched="threads" (groups of tasks on worker threads, one intra-op thread
+           each; the CPU's choice for convolutional networks)
   baseline the learn2learn way, written here since learn2learn does not install beside this
            torch: per task, clone the module (parameters cloned, differentiable), adapt by
            writing p - lr * grad (create_graph=True) into the clone's parameters, then the
@@ -119,7 +121,7 @@ def sides(way, steps, device):
     torch.manual_seed(0)
     reference = MAML(conv4(variant="strided"), way, inner_steps=steps, inner_lr=INNER_LR)
     out = {}
-    for batched in ("auto", "loop", "vmap"):
+    for batched in ("auto", "loop", "vmap", "threads"):
         learner = copy.deepcopy(reference)
         learner.batched = batched
         learner.to(device).configure_optimizer(1e-3)
@@ -140,12 +142,9 @@ def meta_gradients(
     """The meta-gradient of the mean query loss with respect to the initial weights."""
     module = copy.deepcopy(module).to(dtype)
     module.zero_grad(set_to_none=True)
-    if isinstance(module, MAML):
-        module.train()
-        loss = module.loss(
-            module.predict(ep.support_x, ep.support_y, ep.query_x, ep.way), ep.query_y
-        )
-        loss.backward()
+    if isinstance(module, MAML):  # the timed code path: meta_train_step, with no update
+        module.optimizer = torch.optim.SGD(module.parameters(), lr=0.0)
+        module.meta_train_step(ep)
     else:
         baseline_step(module, torch.optim.SGD(module.parameters(), lr=0.0), ep, steps)
     return [p.grad.detach().flatten() for p in module.parameters() if p.grad is not None]
@@ -162,7 +161,8 @@ def gradient_agreement(runs: dict, ep: Episodes, steps: int) -> dict:
         grads = {k: meta_gradients(m, e, steps, dtype) for k, (m, _) in runs.items()}
         key = "float32" if dtype == torch.float32 else "float64"
         out[key] = {
-            k: max_relative_difference(grads[k], grads["baseline"]) for k in ("loop", "vmap")
+            k: max_relative_difference(grads[k], grads["baseline"])
+            for k in ("loop", "vmap", "threads")
         }
     return out
 
@@ -188,7 +188,7 @@ def measure_speed(name: str, device: torch.device, quick: bool) -> dict:
         for k in order:
             times[k].append(ms_per_call(lambda k=k: runs[k][1](ep), 1, device))
     its = {k: 1000 / statistics.median(v) for k, v in times.items()}
-    chosen = "vmap" if runs["auto"][0].use_vmap(device, steps) else "loop"
+    chosen = runs["auto"][0].formulation(device, batch)
     return {
         "benchmark": f"maml_{name}",
         "config": f"({name}) {way}-way {shot}-shot {query}-query, meta-batch {batch}, "
@@ -198,6 +198,7 @@ def measure_speed(name: str, device: torch.device, quick: bool) -> dict:
         "auto_picks": chosen,
         "loop": its["loop"],
         "vmap": its["vmap"],
+        "threads": its["threads"],
         "baseline": its["baseline"],
         "ratio": its["auto"] / its["baseline"],
         "l2l_reference": reference,
@@ -303,15 +304,18 @@ def print_speed(r: dict) -> None:
     print(f"  {r['config']}:")
     print(
         f"    metarun (auto = {r['auto_picks']}) {r['metarun']:.2f} it/s; loop {r['loop']:.2f}, "
-        f"vmap {r['vmap']:.2f}; learn2learn-style baseline {r['baseline']:.2f} it/s"
+        f"vmap {r['vmap']:.2f}, threads {r['threads']:.2f}; learn2learn-style baseline "
+        f"{r['baseline']:.2f} it/s"
     )
     print(
         f"    {r['ratio']:.2f}x the baseline; {r['x_vs_l2l_reference']:.2f}x the learn2learn "
         f"reference {r['l2l_reference']} it/s (target {r['target_x']}x): {met}"
     )
     print(
-        f"    meta-gradients vs baseline, relative difference: loop {diff['loop']:.1e}, "
-        f"vmap {diff['vmap']:.1e}; in float64: loop {d64['loop']:.1e}, vmap {d64['vmap']:.1e}"
+        "    meta-gradients vs baseline, relative difference: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in diff.items())
+        + "; in float64: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in d64.items())
     )
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from metarun.algorithms import MAML, conv4
+from metarun.algorithms import MAML, conv4, task_threads
 from metarun.algorithms.backbones import MeanPool
 from metarun.algorithms.base import BatchStatisticsNorm
 from metarun.data import Episodes
@@ -120,3 +120,124 @@ def test_vmap_with_running_statistics_is_refused():
         MAML(conv4(hidden=8, variant="strided"), 3, batched="vmap", batch_norm="running")
     with pytest.raises(ConfigError, match="algo.batched"):
         MAML(conv4(hidden=8, variant="strided"), 3, batched="sometimes")
+
+
+# -- batched="threads": groups of tasks on worker threads ---------------------------------
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads, so batched="threads" makes two groups (restored after)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def step_grads(learner, ep):
+    """The gradients meta_train_step leaves in .grad (an optimizer that does not move)."""
+    learner.optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)
+    out = learner.meta_train_step(ep)
+    return out, [p.grad.clone() for p in learner.parameters()]
+
+
+@pytest.mark.parametrize("kw", VARIANTS.values(), ids=VARIANTS.keys())
+def test_threads_and_loop_agree_on_logits_and_meta_gradients(two_threads, kw):
+    torch.manual_seed(0)
+    loop = MAML(conv4(hidden=8, variant="strided"), 3, batched="loop", **kw).double()
+    threads = copy.deepcopy(loop)
+    threads.batched = "threads"
+    ep = batch(b=5)  # two groups of unequal size: 2 and 3 tasks
+    assert threads.formulation(ep.support_x.device, ep.batch_size) == "threads"
+    # meta_train_step: each thread takes its group's share of the meta-gradient
+    (out_loop, g_loop), (out_threads, g_threads) = step_grads(loop, ep), step_grads(threads, ep)
+    for a, b in zip(g_loop, g_threads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(out_loop["loss"], out_threads["loss"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(out_loop["acc"], out_threads["acc"])
+    # predict (evaluation and any caller's own backward)
+    for a, b in zip(meta_grads(loop, ep), meta_grads(threads, ep), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    loop.eval(), threads.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loop.predict(ep.support_x, ep.support_y, ep.query_x, 3),
+            threads.predict(ep.support_x, ep.support_y, ep.query_x, 3),
+        )
+
+
+def test_threads_steps_are_repeatable_and_train_as_the_loop_does(two_threads):
+    """Adam updates from the same start: threads twice give identical weights, and the
+    same weights as the loop up to float rounding (float64: in float32 Adam turns the
+    rounding noise of the conv biases' zero gradients, before batch norm, into steps)."""
+    torch.manual_seed(0)
+    start = MAML(conv4(hidden=8, variant="strided"), 3, inner_steps=2, batched="loop").double()
+    runs = {}
+    for name, batched in [("loop", "loop"), ("threads", "threads"), ("again", "threads")]:
+        learner = copy.deepcopy(start)
+        learner.batched = batched
+        learner.configure_optimizer(1e-2)
+        for seed in range(3):
+            learner.meta_train_step(batch(b=4, seed=seed))
+        runs[name] = [p.detach() for p in learner.parameters()]
+    for a, b in zip(runs["threads"], runs["again"], strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(runs["loop"], runs["threads"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    assert not all(torch.equal(a, b) for a, b in zip(start.parameters(), runs["threads"]))
+
+
+def test_auto_picks_threads_for_convolutions_on_a_multithreaded_cpu(two_threads):
+    cpu = torch.device("cpu")
+    conv = MAML(conv4(hidden=8, variant="strided"), 3)
+    assert conv.formulation(cpu, 4) == "threads"
+    assert conv.formulation(cpu, 1) == "loop"  # one task: nothing to share out
+    assert conv.formulation(torch.device("cuda"), 4) == "vmap"
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    mlp.feature_shape = (8,)
+    assert MAML(mlp, 3).formulation(cpu, 4) == "vmap"
+    running = MAML(conv4(hidden=8, variant="strided"), 3, batch_norm="running")
+    assert running.formulation(cpu, 4) == "loop"
+    assert running.formulation(torch.device("cuda"), 4) == "loop"
+    torch.set_num_threads(1)
+    assert conv.formulation(cpu, 4) == "loop"
+    assert MAML(conv4(hidden=8, variant="strided"), 3, batched="threads").formulation(cpu, 4) == (
+        "loop"
+    )
+
+
+def test_threads_with_running_statistics_are_refused():
+    with pytest.raises(ConfigError, match="algo.batched=threads.*algo.batched=loop"):
+        MAML(conv4(hidden=8, variant="strided"), 3, batched="threads", batch_norm="running")
+
+
+def test_a_failing_task_raises_and_the_thread_count_is_restored(two_threads):
+    learner = MAML(conv4(hidden=8, variant="strided"), 3, batched="threads")
+    learner.configure_optimizer(1e-3)
+    ep = batch(b=4, dtype=torch.float32)
+    ep.query_y[3, 0] = 7  # a label beyond the 3 classes, in the second group's last task
+    before = [p.detach().clone() for p in learner.parameters()]
+    with pytest.raises(IndexError, match="out of bounds"):
+        learner.meta_train_step(ep)
+    assert torch.get_num_threads() == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.parameters()))
+    with pytest.raises(ConfigError, match="3-way output layer"):  # more classes than the head
+        learner.meta_train_step(batch(b=4, way=4, dtype=torch.float32))
+    assert torch.get_num_threads() == 2
+
+
+def test_task_groups_and_replicas():
+    assert [list(r) for r in task_threads.groups(5, 2)] == [[0, 1], [2, 3, 4]]
+    assert [len(r) for r in task_threads.groups(16, 3)] == [5, 5, 6]
+    assert [list(r) for r in task_threads.groups(2, 8)] == [[0], [1]]
+    net = conv4(hidden=4, variant="strided", out_features=3)
+    twin = task_threads.replica(net)
+    for (n, p), (m, q) in zip(net.named_parameters(), twin.named_parameters(), strict=True):
+        assert n == m and p is q  # the same tensors
+    x = torch.rand(2, 1, 12, 12)
+    fast = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+    inside = []
+    net[1][0].register_forward_hook(lambda m, i, o: inside.append(net[1][0].weight))
+    torch.func.functional_call(twin, fast, (x,))
+    assert all(w is net[1][0].weight for w in inside)  # the original kept its weights
+    assert torch.equal(torch.func.functional_call(twin, fast, (x,)), net[-1].bias.new_zeros(2, 3))

@@ -1,0 +1,71 @@
+"""The tasks of a meta-batch on CPU worker threads, one intra-op thread each.
+
+A MAML step on small convolutional networks is thousands of small operators, which
+PyTorch's intra-op threads split poorly: on a 2-core machine two threads ran a strided
+conv4 task 1.4x as fast as one. Giving each worker thread its own group of tasks and one
+intra-op thread keeps both cores busy on whole tasks instead (benchmarks/bench_maml.py).
+
+Rules the callers keep:
+- workers never share a module they write to: torch.func.functional_call swaps
+  tensors into the module it is given, so each group works on its own `replica`;
+- each group's results (here: logits, losses, gradients) are combined in group order by
+  the calling thread, so a run gives the same numbers every time for a given number of
+  intra-op threads;
+- the work is deterministic apart from float rounding: no random operators (dropout)
+  run inside, since the global random generator would be drawn in thread order.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+T = TypeVar("T")
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def pool(workers: int) -> ThreadPoolExecutor:
+    """One process-wide pool per worker count, made on first use."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="metarun-task")
+    return _POOLS[workers]
+
+
+def groups(count: int, workers: int) -> list[range]:
+    """`count` tasks in at most `workers` contiguous groups whose sizes differ by <= 1."""
+    workers = max(1, min(workers, count))
+    bounds = [count * k // workers for k in range(workers + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def replica(module: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer tensor but owns
+    its dictionaries of them, so functional_call on it leaves the original untouched."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {n: None if m is None else replica(m) for n, m in module._modules.items()}
+    return new
+
+
+def run(work: Callable[[range], T], parts: Sequence[range]) -> list[T]:
+    """work(part) for every part, each on a worker thread with one intra-op thread; the
+    results in the order of `parts`. The process's intra-op thread count is restored
+    afterwards, also when a part raises (its exception is raised here)."""
+    threads = torch.get_num_threads()
+
+    def one(part: range) -> T:
+        torch.set_num_threads(1)  # this worker's ops; the count is restored below
+        return work(part)
+
+    try:
+        futures = [pool(len(parts)).submit(one, part) for part in parts]
+        wait(futures)
+        return [f.result() for f in futures]
+    finally:
+        torch.set_num_threads(threads)
