@@ -6,13 +6,13 @@ Sampling is tensor indexing on the store's device with a seeded
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from functools import partial
 
 import torch
 
-from .augment import random_affine
+from .augment import random_affine, random_mirror, random_shift
 from .errors import ConfigError
 from .store import ClassStore, rotate
 
@@ -105,7 +105,8 @@ def gather(
 ) -> Episodes:
     """Turn index tensors into an Episodes batch (the support/query split).
 
-    augment, if given, maps float images [N, C, H, W] to new ones (training only).
+    augment, if given, maps the float images [tasks, way, k, C, H, W] to new ones (training
+    only; see train_augmentation).
     """
     n, way, k = samples.shape
     base, rot = classes % store.n_base, classes // store.n_base
@@ -115,7 +116,7 @@ def gather(
     x = x.float().div_(255.0)
     shape = x.shape[3:]
     if augment is not None:
-        x = augment(x.reshape(-1, *shape)).reshape(x.shape)
+        x = augment(x)
     labels = torch.arange(way, device=store.device)[None, :, None].expand(n, way, k)
     support_x = x[:, :, :shot].reshape(n, way * shot, *shape)
     query_x = x[:, :, shot:].reshape(n, way * (k - shot), *shape)
@@ -124,12 +125,49 @@ def gather(
     return Episodes(support_x, support_y, query_x, query_y, classes)
 
 
-def train_augmentation(augment: str | None, generator: torch.Generator):
-    """data.augment as a function of float images [N, C, H, W] drawing from `generator`
-    (None: no augmentation); a ConfigError for an unknown name."""
-    if augment not in (None, "affine"):
-        raise ConfigError(f"unknown augmentation {augment!r}; use null or affine")
-    return partial(random_affine, generator=generator) if augment else None
+AUGMENTATIONS = ("affine", "shift", "mirror")
+
+
+def train_augmentation(
+    augment: str | Sequence[str] | None, generator: torch.Generator, episodes: bool = True
+):
+    """data.augment as a function of float images [..., C, H, W] drawing from `generator`
+    (None: no augmentation); a ConfigError for an unknown name.
+
+    augment: one name or several (a list, or names joined by "+"), applied in this order:
+    "mirror" mirrors each class of an episode at random (images [tasks, way, k, C, H, W]; a
+    new class, so episodes only), then per image "affine" (small rotation, scale and
+    shift) and "shift" (whole-pixel shift)."""
+    if augment is None:
+        return None
+    names = augment.split("+") if isinstance(augment, str) else [str(a) for a in augment]
+    for name in names:
+        if name not in AUGMENTATIONS:
+            raise ConfigError(
+                f"unknown augmentation {name!r}; use null, one of {', '.join(AUGMENTATIONS)}, "
+                "or several joined by '+' (e.g. mirror+shift)"
+            )
+    if "mirror" in names and not episodes:
+        raise ConfigError(
+            "data.augment=mirror turns a class into a new one (its mirror image), which needs "
+            "episodes with their own labels; this learner trains on plain labelled batches: "
+            "use data.augment=shift or affine"
+        )
+    per_image = [
+        partial(random_affine if name == "affine" else random_shift, generator=generator)
+        for name in AUGMENTATIONS
+        if name in names and name != "mirror"
+    ]
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        if "mirror" in names:
+            x = random_mirror(x, generator)
+        flat = x.reshape(-1, *x.shape[-3:])
+        for fn in per_image:
+            flat = fn(flat)
+        return flat.reshape(x.shape)
+
+    return apply
 
 
 class SeededSampler:
@@ -208,7 +246,7 @@ class ImageBatchSampler(SeededSampler):
         self.row_class = torch.repeat_interleave(
             torch.arange(store.n_base, device=self.store.device), self.store.counts
         )
-        self.augment = train_augmentation(augment, self.generator)
+        self.augment = train_augmentation(augment, self.generator, episodes=False)
 
     def sample(self, batch_size: int) -> Episodes:
         store, dev = self.store, self.store.device

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from metarun.data import ClassStore, ConfigError, EpisodeSampler, FixedEpisodes
-from metarun.data.episodes import sample_indices
+from metarun.data.augment import random_shift
+from metarun.data.episodes import ImageBatchSampler, sample_indices
 
 
 def tagged_store(n_classes=12, counts=None, rotations=1) -> ClassStore:
@@ -113,6 +114,47 @@ def test_augmentation_keeps_shapes_and_labels():
     assert aug.support_x.shape == plain.support_x.shape
     assert torch.equal(aug.classes, plain.classes) and torch.equal(aug.query_y, plain.query_y)
     assert not torch.equal(aug.query_x, plain.query_x)
+
+
+def test_shift_moves_each_image_by_whole_pixels_within_the_limit():
+    x = torch.zeros(200, 1, 10, 10)
+    x[:, 0, 4, 5] = 1.0  # one lit pixel
+    shifted = random_shift(x, torch.Generator().manual_seed(0), translate=0.2)  # up to 2 px
+    assert shifted.shape == x.shape and torch.equal(shifted.sum((1, 2, 3)), x.sum((1, 2, 3)))
+    where = shifted[:, 0].flatten(1).argmax(1)
+    dy, dx = where // 10 - 4, where % 10 - 5
+    assert dy.abs().max() == 2 and dx.abs().max() == 2  # every offset in [-2, 2] is drawn
+    assert len(set(zip(dy.tolist(), dx.tolist()))) == 25
+    edge = torch.zeros(50, 1, 10, 10)
+    edge[:, 0, :, 0] = 1.0  # a stroke on the left border: shifted out of frame, or kept
+    out = random_shift(edge, torch.Generator().manual_seed(1), translate=0.2)
+    assert out.sum() < edge.sum() and out.max() == 1.0
+
+
+def test_mirror_flips_whole_classes_and_episodes_keep_their_labels():
+    store = tagged_store()
+    plain = EpisodeSampler(store, 5, 2, 3, seed=0).sample(40)
+    aug = EpisodeSampler(store, 5, 2, 3, seed=0, augment="mirror").sample(40)
+    assert torch.equal(aug.classes, plain.classes) and torch.equal(aug.query_y, plain.query_y)
+    x = torch.cat([aug.support_x.unflatten(1, (5, 2)), aug.query_x.unflatten(1, (5, 3))], 2)
+    p = torch.cat([plain.support_x.unflatten(1, (5, 2)), plain.query_x.unflatten(1, (5, 3))], 2)
+    mirrored = (x == p.flip(-1)).flatten(2).all(-1)  # [tasks, way]: every image of the class
+    kept = (x == p).flatten(2).all(-1)
+    assert torch.all(mirrored ^ kept)  # a class is mirrored whole or not at all
+    assert 0.3 < mirrored.float().mean() < 0.7
+
+
+def test_augmentations_combine_and_bad_names_are_refused():
+    store = tagged_store()
+    a = EpisodeSampler(store, 5, 1, 3, seed=0, augment="mirror+shift").sample(3)
+    b = EpisodeSampler(store, 5, 1, 3, seed=0, augment=["mirror", "shift"]).sample(3)
+    assert torch.equal(a.query_x, b.query_x) and torch.equal(a.query_y, b.query_y)
+    with pytest.raises(ConfigError, match="unknown augmentation 'flip'.*mirror\\+shift"):
+        EpisodeSampler(store, 5, 1, 3, augment="mirror+flip")
+    with pytest.raises(ConfigError, match="needs episodes.*data.augment=shift or affine"):
+        ImageBatchSampler(store, augment="mirror")
+    batch = ImageBatchSampler(store, seed=0, augment="shift").sample(8)
+    assert batch.support_x.shape == (8, 1, 1, 6, 6)
 
 
 def test_sample_indices_draws_distinct_samples_per_class():
