@@ -18,6 +18,7 @@ Rules the callers keep:
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
@@ -27,6 +28,8 @@ from torch import nn
 
 T = TypeVar("T")
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+# a forked child has none of its parent's threads: it makes its own pools
+os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def pool(workers: int) -> ThreadPoolExecutor:

@@ -241,3 +241,20 @@ def test_task_groups_and_replicas():
     torch.func.functional_call(twin, fast, (x,))
     assert all(w is net[1][0].weight for w in inside)  # the original kept its weights
     assert torch.equal(torch.func.functional_call(twin, fast, (x,)), net[-1].bias.new_zeros(2, 3))
+
+
+def pools_then_run() -> tuple[int, list[int]]:
+    """In a forked child: how many pools it inherited, and a run on fresh ones."""
+    inherited = len(task_threads._POOLS)
+    return inherited, task_threads.run(len, task_threads.groups(4, 2))
+
+
+def test_a_forked_child_makes_its_own_worker_threads(two_threads):
+    """A pool made before a fork has no threads in the child (a plain ThreadPoolExecutor
+    whose workers had gone idle hung there): the child starts without the parent's pools."""
+    import multiprocessing
+
+    task_threads.run(len, task_threads.groups(4, 2))  # the parent's pool
+    assert task_threads._POOLS
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(pools_then_run).get(timeout=60) == (0, [2, 2])
