@@ -3,8 +3,10 @@ predict contract, string labels, the LSTM-only ablation, and that it learns."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -283,3 +285,35 @@ def test_mann_takes_a_convolutional_embedding():
     assert any(not torch.equal(a, b) for a, b in zip(before, m.backbone.parameters()))
     with torch.no_grad():
         assert m.eval().predict(ep.support_x, ep.support_y, ep.query_x, 3).shape == (2, 6, 3)
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "clang++", "c++")),
+    reason="torch.compile on the CPU needs a C++ compiler",
+)
+def test_compiled_recurrent_step_gives_the_eager_losses_gradients_and_predictions():
+    """trainer.compile=true compiles MANN's recurrent step; the results stay the eager ones
+    (up to float rounding), in training (sequence loss and its gradients) and in predict."""
+    torch.manual_seed(0)
+    eager = small(key_strength=True, read_first=True)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_network()
+    assert compiled.compile_step and not eager.compile_step
+    ep = episodes()
+    x = torch.cat([ep.support_x, ep.query_x], 1)
+    y = torch.cat([ep.support_y, ep.query_y], 1)
+    results = []
+    for m in (eager, compiled):
+        scores, _ = m.sequence_scores(x, y, 3)
+        loss = m.sequence_loss(scores, y)
+        grads = torch.autograd.grad(loss, list(m.parameters()))
+        m.eval()
+        with torch.no_grad():
+            logits = m.predict(ep.support_x, ep.support_y, ep.query_x, 3)
+        results.append((loss, grads, logits))
+    (l0, g0, p0), (l1, g1, p1) = results
+    torch.testing.assert_close(l0, l1)
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(p0, p1, rtol=1e-4, atol=1e-5)
+    assert copy.deepcopy(compiled).compile_step  # a copy stays a plain module with the flag
