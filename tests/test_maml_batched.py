@@ -54,6 +54,18 @@ def meta_grads(learner, ep):
     return [p.grad.clone() for p in learner.parameters()]
 
 
+def assert_same_meta_gradients_and_predictions(learner, other, ep):
+    """Meta-gradients through predict (training mode) and evaluation logits agree (float64)."""
+    for a, b in zip(meta_grads(learner, ep), meta_grads(other, ep), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    learner.eval(), other.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            learner.predict(ep.support_x, ep.support_y, ep.query_x, ep.way),
+            other.predict(ep.support_x, ep.support_y, ep.query_x, ep.way),
+        )
+
+
 VARIANTS = {
     "maml": {},
     "maml_2_steps": {"inner_steps": 2},
@@ -69,15 +81,7 @@ def test_vmap_and_loop_agree_on_logits_and_meta_gradients(kw):
     loop = MAML(conv4(hidden=8, variant="strided"), 3, batched="loop", **kw).double()
     vmap = copy.deepcopy(loop)
     vmap.batched = "vmap"
-    ep = batch()
-    for a, b in zip(meta_grads(loop, ep), meta_grads(vmap, ep), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    loop.eval(), vmap.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            loop.predict(ep.support_x, ep.support_y, ep.query_x, 3),
-            vmap.predict(ep.support_x, ep.support_y, ep.query_x, 3),
-        )
+    assert_same_meta_gradients_and_predictions(loop, vmap, batch())
 
 
 @pytest.mark.parametrize("batched", ["loop", "vmap"])
@@ -156,14 +160,7 @@ def test_threads_and_loop_agree_on_logits_and_meta_gradients(two_threads, kw):
     torch.testing.assert_close(out_loop["loss"], out_threads["loss"], rtol=1e-12, atol=0)
     torch.testing.assert_close(out_loop["acc"], out_threads["acc"])
     # predict (evaluation and any caller's own backward)
-    for a, b in zip(meta_grads(loop, ep), meta_grads(threads, ep), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
-    loop.eval(), threads.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(
-            loop.predict(ep.support_x, ep.support_y, ep.query_x, 3),
-            threads.predict(ep.support_x, ep.support_y, ep.query_x, 3),
-        )
+    assert_same_meta_gradients_and_predictions(loop, threads, ep)
 
 
 def test_threads_steps_are_repeatable_and_train_as_the_loop_does(two_threads):
