@@ -160,6 +160,15 @@ class MAML(HeadLearner):
         with self.autocast():
             return self.fast_forward(params, qx)[:, :way]
 
+    def looped_logits(self, support_x, support_y, query_x, steps, way, create_graph):
+        """task_logits of every task, one after another: [B, n_query, way]."""
+        return torch.stack(
+            [
+                self.task_logits(sx, sy, qx, steps, way, create_graph)
+                for sx, sy, qx in zip(support_x, support_y, query_x)
+            ]
+        )
+
     def vmapped_logits(self, support_x, support_y, query_x, steps, way, create_graph):
         """All tasks at once: the per-task computation of task_logits under torch.func.vmap,
         with torch.func.grad for the inner gradients (the same values and meta-gradients)."""
@@ -186,19 +195,14 @@ class MAML(HeadLearner):
         return torch.func.vmap(one_task)(support_x, support_y, query_x)
 
     def threaded_logits(self, support_x, support_y, query_x, steps, way, create_graph):
-        """task_logits for every task, the tasks split among worker threads; each group
-        works on its own replica of the module (functional_call swaps tensors into it)."""
+        """looped_logits with the tasks split among worker threads; each group works on
+        its own replica of the module (functional_call swaps tensors into it)."""
 
         def work(part: range) -> torch.Tensor:
-            net = task_threads.replica(self)
+            tasks = slice(part.start, part.stop)
             with torch.enable_grad():
-                return torch.stack(
-                    [
-                        net.task_logits(
-                            support_x[i], support_y[i], query_x[i], steps, way, create_graph
-                        )
-                        for i in part
-                    ]
+                return task_threads.replica(self).looped_logits(
+                    support_x[tasks], support_y[tasks], query_x[tasks], steps, way, create_graph
                 )
 
         parts = task_threads.groups(len(support_x), torch.get_num_threads())
@@ -248,12 +252,7 @@ class MAML(HeadLearner):
                     support_x, support_y, query_x, steps, way, create_graph
                 )
             else:
-                logits = torch.stack(
-                    [
-                        self.task_logits(sx, sy, qx, steps, way, create_graph)
-                        for sx, sy, qx in zip(support_x, support_y, query_x)
-                    ]
-                )
+                logits = self.looped_logits(support_x, support_y, query_x, steps, way, create_graph)
         return logits if train_graph else logits.detach()
 
     def meta_train_step(self, episodes: Episodes) -> dict[str, torch.Tensor]:
@@ -272,14 +271,10 @@ class MAML(HeadLearner):
         create_graph = not self.first_order
 
         def work(part: range):
-            net = task_threads.replica(self)
             ep = episodes[part.start : part.stop]
             with torch.enable_grad(), self.autocast():
-                logits = torch.stack(
-                    [
-                        net.task_logits(sx, sy, qx, self.inner_steps, ep.way, create_graph)
-                        for sx, sy, qx in zip(ep.support_x, ep.support_y, ep.query_x)
-                    ]
+                logits = task_threads.replica(self).looped_logits(
+                    ep.support_x, ep.support_y, ep.query_x, self.inner_steps, ep.way, create_graph
                 )
                 loss = self.loss(logits, ep.query_y)
                 share = loss * (len(part) / tasks)  # this group's part of the mean loss
