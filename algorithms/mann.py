@@ -305,6 +305,10 @@ class MANN(MetaLearner):
             torch.cat([m.bias for m in layers]),
         )
 
+    def step_function(self):
+        """MANN.step, or its compiled form after compile_network; called as f(self, ...)."""
+        return compiled_step() if self.compile_step else MANN.step
+
     def step(self, state: MemoryState, static: torch.Tensor, weights) -> tuple:
         """One time step: static [B, 4H] from static_gates, weights from step_weights ->
         (readout [h_t ; r_t] of shape [B, H + R*W] for the output layer, next state). The LSTM
@@ -334,7 +338,7 @@ class MANN(MetaLearner):
         if state is None:
             state = self.initial_state(features.shape[0], features)
         readouts, weights = [], self.step_weights()
-        step = compiled_step() if self.compile_step else MANN.step
+        step = self.step_function()
         # unbind, not static[:, t]: the backward of one unbind is one stack, while each
         # slice's backward would fill and add a tensor of the whole sequence's size
         for static in self.static_gates(features, prev_labels).unbind(1):  # [B, 4H] per step
@@ -430,8 +434,9 @@ class MANN(MetaLearner):
             last = self.encode_labels(sy[:, -1:], codes)  # [B, 1, L]
             qf = self.embed(query_x).flatten(0, 1)  # [B*nq, D]
             static = self.static_gates(qf, last.expand(-1, n_query, -1).flatten(0, 1))
-            step = compiled_step() if self.compile_step else MANN.step
-            readout, _ = step(self, state.expand(n_query), static, self.step_weights())
+            readout, _ = self.step_function()(
+                self, state.expand(n_query), static, self.step_weights()
+            )
             out = self.out(readout)
         qcodes = None if codes is None else codes.repeat_interleave(n_query, dim=0)
         scores = self.class_scores(out.unsqueeze(1), qcodes, way)  # [B*nq, 1, way]
