@@ -125,7 +125,9 @@ def gather(
     return Episodes(support_x, support_y, query_x, query_y, classes)
 
 
-AUGMENTATIONS = ("affine", "shift", "mirror")
+# per-image augmentations, in the order they apply; "mirror" works on whole classes
+PER_IMAGE = {"affine": random_affine, "shift": random_shift}
+AUGMENTATIONS = (*PER_IMAGE, "mirror")
 
 
 def train_augmentation(
@@ -154,9 +156,7 @@ def train_augmentation(
             "use data.augment=shift or affine"
         )
     per_image = [
-        partial(random_affine if name == "affine" else random_shift, generator=generator)
-        for name in AUGMENTATIONS
-        if name in names and name != "mirror"
+        partial(fn, generator=generator) for name, fn in PER_IMAGE.items() if name in names
     ]
 
     def apply(x: torch.Tensor) -> torch.Tensor:
