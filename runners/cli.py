@@ -11,21 +11,23 @@ import atexit
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
 
 import hydra
-import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.data.errors import ConfigError, MetarunError, StoppedError
-from metarun.runners import checkpoint, distributed
+from metarun.runners import checkpoint, distributed, rundir
 from metarun.runners.build import build_store, configure_tf32, resolve_device, validate
 from metarun.runners.evaluate import evaluate
-from metarun.runners.sweep import ERROR_FILE
+from metarun.runners.files import os_error, write_text_atomic
+from metarun.runners.stopping import Interrupted, stop_signals
+from metarun.runners.sweep import CONTINUED_FILE, ERROR_FILE
 from metarun.runners.trainer import Trainer, eval_episodes, results_record, write_results
 
 log = logging.getLogger("metarun")
@@ -41,27 +43,6 @@ def overrides() -> list[str]:
 
 def override_keys() -> list[str]:
     return [o.split("=", 1)[0].lstrip("+~") for o in overrides()]
-
-
-def find_resumable(output_root: Path, wanted: list[str]) -> Path | None:
-    """The newest run under output_root launched with the same overrides, with a last.pt."""
-    best = None
-    for file in Path(output_root).glob("**/.hydra/overrides.yaml"):
-        run = file.parent.parent
-        last = run / "checkpoints" / "last.pt"
-        if not last.exists():  # includes this job's own, brand-new folder
-            continue
-        if same_overrides(yaml.safe_load(file.read_text()) or [], wanted):
-            if best is None or last.stat().st_mtime > best.stat().st_mtime:
-                best = last
-    return best
-
-
-def same_overrides(a: list[str], b: list[str]) -> bool:
-    def norm(items):
-        return sorted(o for o in items if not o.startswith("resume="))
-
-    return norm(a) == norm(b)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -86,38 +67,58 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return results
 
 
-def requeued(run_dir: Path) -> bool:
-    """A job that submitit (the submitit_local / slurm_gpu launchers) started again after a
-    pre-emption or a time-out: it runs in the same job folder, which holds its last.pt."""
-    return bool(os.environ.get("SUBMITIT_EXECUTOR")) and (run_dir / "checkpoints/last.pt").exists()
-
-
 def resume_point(cfg: DictConfig, run_dir: Path) -> tuple[Path, Path | None]:
-    """The run directory to write into and the checkpoint to continue from (or None)."""
-    resume_from = None
-    if cfg.get("resume") == "auto":
-        resume_from = find_resumable(Path(cfg.paths.output_root), overrides())
-        if resume_from is None:
+    """The run folder to write into and the checkpoint to continue from (or None).
+
+    A single run was pointed at the resumed run's folder by the RunFolder callback
+    (runners/rundir.py); a sweep's job that continues an earlier run writes into that
+    run's folder, and its log goes there too."""
+    ckpt = rundir.resume_checkpoint(
+        cfg.get("resume"), overrides(), Path(cfg.paths.output_root), run_dir
+    )
+    if ckpt is None:
+        if cfg.get("resume") == "auto":
             log.info("resume=auto: no earlier run with these overrides; starting a new run")
-    elif cfg.get("resume"):
-        resume_from = Path(str(cfg.resume)).expanduser()
-        if resume_from.is_dir():
-            resume_from = resume_from / "checkpoints" / "last.pt"
-    elif requeued(run_dir):
-        resume_from = run_dir / "checkpoints" / "last.pt"
-        log.info("requeued job (submitit): continuing from its own %s", resume_from)
-    if resume_from is not None:
-        run_dir = resume_from.parent.parent  # continue writing into the run being resumed
-        log.info("continuing run %s", run_dir)
-    return run_dir, resume_from
+        return run_dir, None
+    run = rundir.run_folder_of(ckpt)
+    if rundir.requeued(run_dir) and not cfg.get("resume"):
+        log.info("requeued job (submitit): continuing from its own %s", ckpt)
+    if run is None or run.resolve() == run_dir.resolve():
+        log.info("continuing from %s in %s", ckpt, run_dir)
+        return run_dir, ckpt
+    rundir.acquire(run)
+    write_text_atomic(run_dir / CONTINUED_FILE, f"{run}\n", "pointer file")
+    log_into(run)
+    log.info("continuing run %s", run)
+    return run, ckpt
+
+
+def log_into(run: Path) -> None:
+    """Send this job's log lines to `run`'s log as well (until the job ends)."""
+    handler = logging.FileHandler(run / "metarun.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    _extra_logs.append(handler)
+
+
+def close_extra_logs() -> None:
+    while _extra_logs:
+        handler = _extra_logs.pop()
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+_extra_logs: list[logging.Handler] = []
 
 
 def test(cfg: DictConfig, run_dir: Path) -> dict:
     """Evaluate a checkpoint with its own config; only evaluation settings may change."""
-    state = checkpoint.load(cfg.ckpt)
+    state = checkpoint.load(cfg.ckpt, trust=cfg.get("trust_checkpoint", False))
     stored = OmegaConf.create(state["config"])
     for key in override_keys():
-        if key in ("mode", "ckpt", "resume", "paths.output_root") or key.startswith("logger"):
+        if key in ("mode", "ckpt", "resume", "trust_checkpoint") or key.startswith(
+            ("logger", "paths.")
+        ):
             continue
         if not key.startswith(TEST_OVERRIDABLE):
             raise ConfigError(
@@ -128,7 +129,7 @@ def test(cfg: DictConfig, run_dir: Path) -> dict:
         OmegaConf.update(stored, target, OmegaConf.select(cfg, key), merge=False)
     validate(OmegaConf.merge(stored, {"mode": "test", "ckpt": cfg.ckpt}))
     device = resolve_device(stored.device)
-    learner = checkpoint.load_learner(state["path"], device=device)
+    learner = checkpoint.load_learner(state, device=device)
     episodes = eval_episodes(
         stored, build_store(stored.data, "test"), stored.eval.episodes, device, "test"
     )
@@ -147,7 +148,9 @@ def test(cfg: DictConfig, run_dir: Path) -> dict:
 def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:
     from metarun.runners.predict import predict_folder, print_predictions
 
-    learner = checkpoint.load_learner(cfg.ckpt, device=resolve_device(cfg.device))
+    learner = checkpoint.load_learner(
+        cfg.ckpt, device=resolve_device(cfg.device), trust=cfg.get("trust_checkpoint", False)
+    )
     out = run_dir / "predictions.csv"
     rows = predict_folder(learner, cfg.support, cfg.query, out)
     print_predictions(rows, out)
@@ -177,43 +180,82 @@ def sweep_objective(results) -> float:
 @hydra.main(version_base="1.3", config_path="pkg://metarun.conf", config_name="config")
 def app(cfg: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        validate(cfg)
-        configure_tf32(cfg.get("tf32", False))
-        if distributed.launched() and cfg.mode != "train":
-            raise ConfigError(
-                f"mode={cfg.mode} runs in one process; run it without torchrun "
-                "(only meta-training is split over processes)"
-            )
-        out = MODES[cfg.mode](cfg, run_dir)
+        with stop_signals():
+            try:
+                if multirun and distributed.is_main():
+                    rundir.take_job_folder(run_dir, rundir.requeued(run_dir))
+                validate(cfg)
+                configure_tf32(cfg.get("tf32", False))
+                if distributed.launched() and cfg.mode != "train":
+                    raise ConfigError(
+                        f"mode={cfg.mode} runs in one process; run it without torchrun "
+                        "(only meta-training is split over processes)"
+                    )
+                out = MODES[cfg.mode](cfg, run_dir)
+            except Interrupted as stop:
+                raise interrupted(stop, cfg, run_dir) from None
+            except OSError as err:  # one that no part of metarun explained: say which path
+                raise os_error(err, f"mode={cfg.mode} failed") from err
         return sweep_objective(out) if optimizing() else out
     except Exception as err:
-        if os.environ.get("METARUN_DEBUG"):
-            raise
-        if isinstance(err, StoppedError) and err.exit_code >= 128:
-            # a signal (Ctrl-C, pre-emption) stops the whole command, a sweep too
-            print(f"metarun: {err}", file=sys.stderr)
-            sys.exit(err.exit_code)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            # one job of a sweep: record the error and let the other jobs run; the sweep
-            # summary (runners/sweep.py) reports it and the sweep exits non-zero
-            message = str(err) if isinstance(err, MetarunError) else f"{type(err).__name__}: {err}"
-            if not isinstance(err, MetarunError):
-                log.exception("job failed")
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / ERROR_FILE).write_text(message + "\n")
-            print(f"metarun: error in job {run_dir.name}: {message}", file=sys.stderr)
-            return float("nan") if optimizing() else None  # Optuna records a failed trial
+        return failed(err, run_dir, multirun)
+    finally:
+        close_extra_logs()
+        rundir.release(run_dir)
+
+
+def interrupted(stop: Interrupted, cfg: DictConfig, run_dir: Path) -> StoppedError:
+    """A signal outside the training loop (which explains its own): nothing to resume."""
+    doing = {
+        "train": "before training started",
+        "test": "during the test; nothing was written",
+        "predict": "during prediction; nothing was written",
+    }.get(cfg.mode, "")
+    return StoppedError(
+        f"interrupted by {stop.name} {doing}; run the command again to start over",
+        exit_code=128 + stop.signum,
+    )
+
+
+def failed(err: Exception, run_dir: Path, multirun: bool):
+    """Print a user-facing error (a traceback only for a bug) and exit, or, for a job of a
+    sweep, record it and let the other jobs run."""
+    if os.environ.get("METARUN_DEBUG"):
+        raise err
+    if isinstance(err, StoppedError) and err.exit_code >= 128:
+        # a signal (Ctrl-C, pre-emption) stops the whole command, a sweep too
+        print(f"metarun: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    if multirun:
+        # one job of a sweep: record the error and let the other jobs run; the sweep
+        # summary (runners/sweep.py) reports it and the sweep exits non-zero
+        message = str(err) if isinstance(err, MetarunError) else f"{type(err).__name__}: {err}"
         if not isinstance(err, MetarunError):
-            raise
-        print(f"metarun: error: {err}", file=sys.stderr)
-        sys.exit(err.exit_code if isinstance(err, StoppedError) else 2)
+            log.exception("job failed")
+        try:
+            write_text_atomic(run_dir / ERROR_FILE, message + "\n", "error file")
+        except MetarunError as also:
+            print(f"metarun: {also}", file=sys.stderr)
+        print(f"metarun: error in job {run_dir.name}: {message}", file=sys.stderr)
+        return float("nan") if optimizing() else None  # Optuna records a failed trial
+    if not isinstance(err, MetarunError):
+        raise err
+    print(f"metarun: error: {err}", file=sys.stderr)
+    sys.exit(err.exit_code if isinstance(err, StoppedError) else 2)
 
 
 def main() -> None:
     if distributed.launched():
         torchrun_arguments()
-    app()
+    try:
+        with stop_signals():
+            app()
+    except (Interrupted, KeyboardInterrupt) as stop:  # before the run started
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"metarun: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        sys.exit(128 + signum)
 
 
 def torchrun_arguments() -> None:

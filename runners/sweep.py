@@ -22,6 +22,8 @@ log = logging.getLogger("metarun")
 
 COLUMNS = ("job", "overrides", "test", "ci95", "metric", "steps", "seconds", "status", "error")
 ERROR_FILE = "error.txt"
+# in a job folder: the earlier run this job continued (resume=), which holds its results
+CONTINUED_FILE = "continued.txt"
 
 
 def job_rows(sweep_dir: Path) -> list[dict]:
@@ -34,7 +36,7 @@ def job_rows(sweep_dir: Path) -> list[dict]:
         row = dict.fromkeys(COLUMNS, "")
         row["job"] = job.name
         row["overrides"] = [o for o in overrides if not o.startswith("hydra.")]
-        results, error = job / "results.json", job / ERROR_FILE
+        results, error = results_folder(job) / "results.json", job / ERROR_FILE
         if results.exists():
             r = json.loads(results.read_text())
             metric = "mse" if "test_mse" in r else "acc"
@@ -53,6 +55,16 @@ def job_rows(sweep_dir: Path) -> list[dict]:
         rows.append(row)
     rows.sort(key=lambda r: (int(r["job"]) if r["job"].isdigit() else 1 << 30, r["job"]))
     return rows
+
+
+def results_folder(job: Path) -> Path:
+    """Where a job's results are: its folder, or the run it continued."""
+    pointer = job / CONTINUED_FILE
+    if pointer.is_file():
+        run = Path(pointer.read_text().strip())
+        if run.is_dir():
+            return run
+    return job
 
 
 def test_cell(row: dict) -> str:
