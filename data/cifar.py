@@ -8,7 +8,9 @@ official train and test images together), 32x32 RGB.
 
 Both are built from the official python archive `cifar-100-python.tar.gz`, read from
 `root` (the archive or its extracted `cifar-100-python/` folder) and downloaded with an md5
-check when missing. The 100 classes are decoded once into the uint8 cache.
+check when missing. The 100 classes are decoded once into the uint8 cache. The archive must
+be complete (100 classes, 500 training and 100 test images each: `IMAGES_PER_CLASS`), and
+its pickles are read with `safe_pickle`, which refuses any file that would run code.
 """
 
 from __future__ import annotations
@@ -21,14 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import safe_pickle
 from .download import download_root, fetch
 from .errors import DataError
-from .store import ClassStore, cached_store, check_split_args, resize
+from .store import ClassStore, cached_store, check_counts, check_split_args, file_stamp, resize
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE = "cifar-100-python.tar.gz"
 FOLDER = "cifar-100-python"
 MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+MEMBERS = ("meta", "train", "test")
+# CIFAR-100: 100 classes of 500 training + 100 test images (50000 + 10000); module constants
+# so tests can describe their small stand-in
+CLASSES = 100
+IMAGES_PER_CLASS = {"train": 500, "test": 100}
 
 CIFAR_FS = {
     "train": (
@@ -98,13 +106,10 @@ def _check_and_load(root, split: str, download: bool, image_size: int):
             raise DataError(explain("data.download=false, so nothing was fetched"))
         fetch(URL, folder / ARCHIVE, MD5, explain)
         source = folder / ARCHIVE
-    stat = source.stat()
-    key = {
-        "source": str(source.resolve()),
-        "size": stat.st_size,
-        "mtime": stat.st_mtime_ns,
-        "image_size": image_size,
-    }
+    stamps = (
+        [file_stamp(source / name) for name in MEMBERS] if source.is_dir() else file_stamp(source)
+    )
+    key = {"source": str(source.resolve()), "stamps": stamps, "image_size": image_size}
     store = cached_store("cifar100", key, lambda: _decode(source, image_size))
     # the cached store names each class "fine:coarse"
     fine = [n.rsplit(":", 1)[0] for n in store.names]
@@ -123,13 +128,12 @@ def _find(folder: Path) -> Path | None:
 def _read_member(source: Path, name: str) -> dict:
     try:
         if source.is_dir():
-            with open(source / name, "rb") as f:
-                return pickle.load(f, encoding="latin1")
+            return safe_pickle.load_path(source / name, encoding="latin1")
         with tarfile.open(source, "r:gz") as tar:
             member = tar.extractfile(f"{FOLDER}/{name}")
             if member is None:
                 raise KeyError(name)
-            return pickle.load(member, encoding="latin1")
+            return safe_pickle.load(member, f"{source}:{FOLDER}/{name}", encoding="latin1")
     except (OSError, EOFError, KeyError, tarfile.TarError, pickle.UnpicklingError) as err:
         raise DataError(
             f"cannot read {name!r} from {str(source)!r} ({err!r}): the CIFAR-100 archive is "
@@ -146,6 +150,7 @@ def _decode(source: Path, image_size: int) -> ClassStore:
         images.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         fine.append(np.asarray(d["fine_labels"]))
         coarse.append(np.asarray(d["coarse_labels"]))
+        _check_part(source, part, fine_names, images[-1], fine[-1], coarse[-1])
     x = torch.from_numpy(np.ascontiguousarray(np.concatenate(images)))
     if image_size != 32:
         x = resize(x, image_size)
@@ -158,6 +163,24 @@ def _decode(source: Path, image_size: int) -> ClassStore:
         per_class.append(x[torch.from_numpy(rows)])
         names.append(f"{name}:{int(coarse_all[rows[0]])}")
     return ClassStore.from_classes(per_class, names)
+
+
+def _check_part(source: Path, part: str, names: list, images, fine, coarse) -> None:
+    """One part of the archive holds every class's published number of images."""
+    if not len(images) == len(fine) == len(coarse):
+        raise DataError(
+            f"{source}: the {part} part has {len(images)} images but {len(fine)} fine and "
+            f"{len(coarse)} coarse labels; the archive is damaged: delete it and fetch it "
+            f"again from {URL} (md5 {MD5})"
+        )
+    counts = np.bincount(fine[(fine >= 0) & (fine < len(names))], minlength=len(names))
+    check_counts(
+        f"the CIFAR-100 archive {source} ({part} part)",
+        dict(zip(names, counts.tolist())),
+        CLASSES,
+        IMAGES_PER_CLASS[part],
+        f"Delete it and fetch it again from {URL} (md5 {MD5}; data.download=true fetches it).",
+    )
 
 
 def _select(store: ClassStore, ids: list[int], rotations: int) -> ClassStore:

@@ -29,3 +29,10 @@ class StoppedError(MetarunError, RuntimeError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def summarise(items, limit: int = 5) -> str:
+    """'a, b, c', or 'a, b, c, d, e and 7 more': a list of names short enough for a message."""
+    items = [str(x) for x in items]
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown} and {len(items) - limit} more"

@@ -5,12 +5,14 @@
 ...               "val": "val.txt", "test": "test.txt"})              # or by class lists
 
 Classes are the sub-folders of `root` that hold at least one image file (png, jpg, jpeg,
-bmp, gif, webp). They are split into train/val/test either by `ratios` (a shuffle of the
-class names with `seed`, then cut) or by `split_files`: one text file per split listing
-its class folder names, one per line (paths relative to `root` or absolute). Images are
-converted to grayscale (`channels=1`) or RGB (`channels=3`) and resized to `image_size`
-square. Each split is decoded once and cached as uint8 (see `store.cached_store`), keyed by
-the root, the split's class list with its file names, and the preprocessing.
+bmp, gif, webp); hidden entries, special files (FIFOs, sockets, devices), broken links and
+folders without images are skipped and named in a warning (`images.image_folders`). They
+are split into train/val/test either by `ratios` (a shuffle of the class names with `seed`,
+then cut) or by `split_files`: one text file per split listing its class folder names, one
+per line (paths relative to `root` or absolute). Images are converted to grayscale
+(`channels=1`) or RGB (`channels=3`) and resized to `image_size` square. Each split is decoded once and cached as uint8 (see `store.cached_store`), keyed by
+the root, the split's class list with each file's name, size and modification time (so an
+edited image is decoded again), and the preprocessing.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, DataError
-from .images import Preprocess, decode_image, list_images
-from .store import SPLITS, ClassStore, cached_store, check_split_args
+from .errors import ConfigError, DataError, summarise
+from .images import Preprocess, decode_image, image_folders, is_image, scan_folder
+from .store import SPLITS, ClassStore, cached_store, check_split_args, file_stamp
 
 LAYOUT = "root/<class name>/<image files>"
 
@@ -58,7 +60,7 @@ def folder(
     key = {
         "root": str(base.resolve()),
         "split": split,
-        "files": {n: [p.name for p in fs] for n, fs in files.items()},
+        "files": {n: [file_stamp(p) for p in fs] for n, fs in files.items()},
         "prep": prep.as_dict(),
     }
 
@@ -89,13 +91,9 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
 
 def class_folders(base: Path) -> dict[str, list[Path]]:
     """Class name -> its image files, for every sub-folder of `base` that holds images."""
-    classes = {}
-    for sub in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = list_images(sub)
-        if images:
-            classes[sub.name] = images
+    classes = image_folders(base)
     if not classes:
-        loose = list_images(base)
+        loose = [p for p in scan_folder(base).files if is_image(p)]
         hint = (
             f" (found {len(loose)} images directly in it: move them into one sub-folder per class)"
             if loose
@@ -156,7 +154,7 @@ def split_from_files(
         if unknown:
             raise DataError(
                 f"{str(path)!r} lists class(es) with no image folder under {str(base)!r}: "
-                f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}"
+                f"{summarise(unknown)}"
             )
         for n in names:
             if n in owner and owner[n] != split:

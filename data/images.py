@@ -1,13 +1,20 @@
-"""Image decoding with Pillow and numpy (torchvision is not a dependency).
+"""Image decoding with Pillow and numpy (torchvision is not a dependency), and listing
+folders of images.
 
 One function turns an image file into the uint8 tensor layout every class
 store uses, so training data and `mode=predict` inputs go through the same
-preprocessing.
+preprocessing. The listing functions are the only way the loaders read a folder: they
+look at each entry with `stat` alone, so a FIFO (which blocks whoever opens it), a socket,
+a device or a broken link is skipped without being opened, and every entry that is not
+data (those, hidden names, folders without images) is named in one warning per folder.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,7 +22,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError
+from .errors import DataError, summarise
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -60,9 +69,116 @@ def decode_image(
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What is directly inside a folder, each part sorted by name."""
+
+    files: list[Path]  # regular files, or links to regular files
+    folders: list[Path]  # sub-folders, or links to folders
+    skipped: list[str]  # "name (why)" for every other entry
+
+
+def scan_folder(folder: Path) -> Listing:
+    """Sort the entries of `folder` into files, folders and skipped entries, without opening
+    any of them (see the module docstring)."""
+    try:
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as err:
+        raise DataError(
+            f"cannot list the folder {folder} ({err.strerror or err}); check that it exists and "
+            "is readable"
+        ) from err
+    files, folders, skipped = [], [], []
+    for entry in entries:
+        kind = "hidden" if entry.name.startswith(".") else entry_kind(entry)
+        if kind == "file":
+            files.append(Path(entry.path))
+        elif kind == "folder":
+            folders.append(Path(entry.path))
+        else:
+            skipped.append(f"{entry.name} ({kind})")
+    return Listing(files, folders, skipped)
+
+
+def entry_kind(entry: os.DirEntry | Path) -> str:
+    """'file' or 'folder' (following links), else why the entry holds no data."""
+    try:
+        mode = entry.stat().st_mode  # follows a link: a link to a regular file is fine
+    except FileNotFoundError:
+        return "broken link" if entry.is_symlink() else "missing"
+    except OSError as err:  # a link loop, no permission
+        return f"unreadable: {err.strerror or err}"
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    what = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"not a regular file: {what}"
+
+
+_warned: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def warn_skipped(folder: Path, skipped: list[str]) -> None:
+    """One warning naming what was skipped in `folder`; once per process, since every split
+    of a data set lists the same folders."""
+    key = (str(folder), tuple(skipped))
+    if skipped and key not in _warned:
+        _warned.add(key)
+        log.warning(
+            "skipped %d entr%s of %s: %s",
+            len(skipped),
+            "y" if len(skipped) == 1 else "ies",
+            folder,
+            summarise(skipped, 10),
+        )
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside `folder`, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files directly inside `folder`, sorted by name; the other entries are named in
+    a warning."""
+    listing = scan_folder(folder)
+    images = [p for p in listing.files if is_image(p)]
+    others = [f"{p.name} (not an image)" for p in listing.files if not is_image(p)]
+    warn_skipped(
+        folder, listing.skipped + others + [f"{p.name} (a folder)" for p in listing.folders]
+    )
+    return images
+
+
+def list_folders(folder: Path) -> list[Path]:
+    """Sub-folders directly inside `folder`, sorted by name; the other entries are named in a
+    warning."""
+    listing = scan_folder(folder)
+    warn_skipped(folder, listing.skipped + [f"{p.name} (not a folder)" for p in listing.files])
+    return listing.folders
+
+
+def image_folders(base: Path) -> dict[str, list[Path]]:
+    """Folder name -> its image files, for every sub-folder of `base` that holds images (the
+    layout `base/<class>/<images>`). The entries that become no class are named in a
+    warning: hidden ones, special files, broken links, sub-folders without images, and
+    images lying in `base` itself when there are classes. Other files in `base` (split
+    lists, notes) are left alone."""
+    listing = scan_folder(base)
+    classes, skipped = {}, list(listing.skipped)
+    for sub in listing.folders:
+        images = list_images(sub)
+        if images:
+            classes[sub.name] = images
+        else:
+            skipped.append(f"{sub.name} (no images)")
+    if classes:
+        skipped += [
+            f"{p.name} (an image outside the class folders)" for p in listing.files if is_image(p)
+        ]
+    warn_skipped(base, skipped)
+    return classes
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,10 @@ same name). Each archive is decoded once into a store of all its characters,
 cached on disk by `cached_store` (never inside the data root) and memoised in
 the process, so train/val/test are cheap cuts of the same decoded tensor.
 Rotations are not decoded: the split's `ClassStore` derives them by index.
+
+An archive must hold exactly the official contents (`CONTENTS`: its alphabets, characters
+character01..characterN, `DRAWINGS` drawings each); anything else is refused when it is
+decoded, naming what is missing, so no run trains or tests on part of Omniglot.
 """
 
 from __future__ import annotations
@@ -23,9 +27,17 @@ from pathlib import Path
 import torch
 
 from .download import download_root, fetch
-from .errors import ConfigError, DataError
-from .images import Preprocess, decode_image
-from .store import SPLITS, ClassStore, cache_dir, cached_store, check_split_args
+from .errors import ConfigError, DataError, summarise
+from .images import Preprocess, decode_image, list_folders, list_images
+from .store import (
+    SPLITS,
+    ClassStore,
+    cache_dir,
+    cache_key,
+    cached_store,
+    check_split_args,
+    file_stamp,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +61,75 @@ SMALL_SPLITS = {
     "val": ("Greek",),  # 24
     "test": ("Early_Aramaic", "Tagalog"),  # 39
 }
-CACHE_FORMAT = 1  # bump when the decoded layout changes, so old cache files are ignored
+# bump when the decoded layout or the checks change, so old cache files are ignored (for
+# one, stores decoded from incomplete archives before the CONTENTS check)
+CACHE_FORMAT = 2
+
+# The official archives: alphabet -> number of characters; every character has DRAWINGS
+# drawings. Module constants, so that tests can describe their small stand-ins.
+DRAWINGS = 20
+_SMALL1 = {"Balinese": 24, "Early_Aramaic": 22, "Greek": 24, "Korean": 40, "Latin": 26}
+_SMALL2 = {"Greek": 24, "Japanese_(katakana)": 47, "Latin": 26, "Sanskrit": 42, "Tagalog": 17}
+_BACKGROUND = {
+    "Alphabet_of_the_Magi": 20,
+    "Anglo-Saxon_Futhorc": 29,
+    "Arcadian": 26,
+    "Armenian": 41,
+    "Asomtavruli_(Georgian)": 40,
+    "Balinese": 24,
+    "Bengali": 46,
+    "Blackfoot_(Canadian_Aboriginal_Syllabics)": 14,
+    "Braille": 26,
+    "Burmese_(Myanmar)": 34,
+    "Cyrillic": 33,
+    "Early_Aramaic": 22,
+    "Futurama": 26,
+    "Grantha": 43,
+    "Greek": 24,
+    "Gujarati": 48,
+    "Hebrew": 22,
+    "Inuktitut_(Canadian_Aboriginal_Syllabics)": 16,
+    "Japanese_(hiragana)": 52,
+    "Japanese_(katakana)": 47,
+    "Korean": 40,
+    "Latin": 26,
+    "Malay_(Jawi_-_Arabic)": 40,
+    "Mkhedruli_(Georgian)": 41,
+    "N_Ko": 33,
+    "Ojibwe_(Canadian_Aboriginal_Syllabics)": 14,
+    "Sanskrit": 42,
+    "Syriac_(Estrangelo)": 23,
+    "Tagalog": 17,
+    "Tifinagh": 55,
+}
+_EVALUATION = {
+    "Angelic": 20,
+    "Atemayar_Qelisayer": 26,
+    "Atlantean": 26,
+    "Aurek-Besh": 26,
+    "Avesta": 26,
+    "Ge_ez": 26,
+    "Glagolitic": 45,
+    "Gurmukhi": 45,
+    "Kannada": 41,
+    "Keble": 26,
+    "Malayalam": 47,
+    "Manipuri": 40,
+    "Mongolian": 30,
+    "Old_Church_Slavonic_(Cyrillic)": 45,
+    "Oriya": 46,
+    "Sylheti": 28,
+    "Syriac_(Serto)": 23,
+    "Tengwar": 25,
+    "Tibetan": 42,
+    "ULOG": 26,
+}
+CONTENTS = {
+    "images_background.zip": _BACKGROUND,  # 30 alphabets, 964 characters
+    "images_evaluation.zip": _EVALUATION,  # 20 alphabets, 659 characters
+    "images_background_small1.zip": _SMALL1,  # 5 alphabets, 136 characters
+    "images_background_small2.zip": _SMALL2,  # 5 alphabets, 156 characters
+}
 
 
 # ---------------------------------------------------------------- public API
@@ -211,17 +291,12 @@ def _stem(path: Path) -> str:
 
 
 def _fingerprint(path: Path) -> tuple:
-    """Name, size and mtime of a zip, or of all images under an extracted folder."""
+    """A zip's file stamp, or a digest of the stamps of every drawing in an extracted folder
+    (so an edited, added or removed drawing means a new decode)."""
     if path.is_file():
-        st = path.stat()
-        return (path.name, st.st_size, st.st_mtime_ns)
-    stats = [p.stat() for p in path.rglob("*.png")]
-    return (
-        path.name,
-        len(stats),
-        sum(s.st_size for s in stats),
-        max((s.st_mtime_ns for s in stats), default=0),
-    )
+        return file_stamp(path)
+    stamps = [file_stamp(path / m, m) for m in _FolderReader(path).members()]
+    return (path.name, len(stamps), cache_key(stamps=stamps))
 
 
 # ---------------------------------------------------------------- decoding
@@ -238,6 +313,7 @@ def _decode_archive(path: Path, prep: Preprocess) -> ClassStore:
                 f"{path} holds no images in the Omniglot layout "
                 f"{_stem(path)}/<Alphabet>/<characterNN>/<image>.png; delete it and download it again."
             )
+        _check_complete(path, classes)
         per_class = [
             torch.stack([_decode_member(reader, m, prep) for m in members])  # [n, 1, S, S]
             for members in classes.values()
@@ -250,9 +326,52 @@ def _group(members: list[str]) -> dict[str, list[str]]:
     classes: dict[str, list[str]] = {}
     for member in members:
         parts = member.split("/")
-        if len(parts) == 3 and not parts[2].startswith("."):  # skip e.g. macOS "._x.png"
+        # hidden names are no data: macOS "._x.png" files, ".git" folders
+        if len(parts) == 3 and not any(p.startswith(".") for p in parts):
             classes.setdefault(f"{parts[0]}/{parts[1]}", []).append(member)
     return {name: sorted(classes[name]) for name in sorted(classes)}
+
+
+def _check_complete(path: Path, classes: dict[str, list[str]]) -> None:
+    """Refuse an archive whose alphabets, characters or drawings differ from the official
+    archive's: a run on part of it would be scored on other tasks than everyone else's."""
+    name = _stem(path) + ".zip"
+    lost, more = _differences(CONTENTS[name], classes)
+    if lost or more:
+        n_chars = sum(CONTENTS[name].values())
+        raise DataError(
+            f"Omniglot archive {path} "
+            + ("is incomplete: " if lost else "holds more than the official archive: ")
+            + "; ".join(lost + more)
+            + f". The official {name} holds {len(CONTENTS[name])} alphabets, {n_chars} "
+            f"characters of {DRAWINGS} drawings each. Delete it and download it again "
+            f"(data.download=true fetches it from {_url(name)})."
+        )
+
+
+def _differences(expected: dict[str, int], classes: dict[str, list[str]]):
+    """What is missing from `classes` and what they hold beyond `expected`, as phrases."""
+    want = {f"{a}/character{i:02d}" for a, n in expected.items() for i in range(1, n + 1)}
+    alphabets = {_alphabet(c) for c in classes}
+    gone = sorted(set(expected) - alphabets)
+    chars = sorted(c for c in want - set(classes) if _alphabet(c) not in gone)
+    short = [f"{c} ({len(m)})" for c, m in classes.items() if c in want and len(m) != DRAWINGS]
+    foreign = sorted(alphabets - set(expected))
+    extra = sorted(c for c in set(classes) - want if _alphabet(c) in expected)
+    missing = [
+        ("alphabets missing", gone),
+        ("characters missing", chars),
+        (f"characters without {DRAWINGS} drawings", short),
+    ]
+    beyond = [
+        ("alphabets not in the official archive", foreign),
+        ("characters not in the official archive", extra),
+    ]
+    return _phrases(missing), _phrases(beyond)
+
+
+def _phrases(pairs) -> list[str]:
+    return [f"{what}: {summarise(items)}" for what, items in pairs if items]
 
 
 def _decode_member(reader, member: str, prep: Preprocess) -> torch.Tensor:
@@ -315,7 +434,14 @@ class _FolderReader:
         pass
 
     def members(self) -> list[str]:
-        return [p.relative_to(self.path).as_posix() for p in self.path.rglob("*.png")]
+        # listed level by level with stat alone: a FIFO named x.png is skipped, not opened
+        return [
+            f"{alphabet.name}/{char.name}/{p.name}"
+            for alphabet in list_folders(self.path)
+            for char in list_folders(alphabet)
+            for p in list_images(char)
+            if p.suffix.lower() == ".png"
+        ]
 
     def label(self, member: str) -> str:
         return member

@@ -9,19 +9,27 @@ rotation is applied to the sampled images only, never stored.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .errors import ConfigError
+from .errors import ConfigError, DataError, summarise
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# Mixed into every cached_store key: bump when decoding or its completeness checks change,
+# so that no store decoded under older rules (say, from an incomplete copy) is served.
+STORE_FORMAT = 2
 
 
 def check_split_args(split: str, image_size: int, rotations: int = 1) -> None:
@@ -174,16 +182,77 @@ def cache_key(**parts) -> str:
 
 
 def cached_store(name: str, key: dict, build: Callable[[], ClassStore]) -> ClassStore:
-    """Load a decoded store from the cache, or build it and write it there atomically."""
-    path = cache_dir() / f"{name}-{cache_key(**key)}.pt"
-    if path.exists():
-        try:
-            return ClassStore(**torch.load(path, map_location="cpu", weights_only=True))
-        except Exception:  # a stale or broken cache file is rebuilt, never fatal
-            path.unlink(missing_ok=True)
-    store = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(store.state(), tmp)
-    os.replace(tmp, path)
+    """Load a decoded store from the cache, or build it and write it there atomically.
+
+    `key` must change whenever the decoded result would: loaders put a `file_stamp` of
+    every source file in it, not just the file names."""
+    path = cache_dir() / f"{name}-{cache_key(**key, store_format=STORE_FORMAT)}.pt"
+    store = _read_cached(path)
+    if store is None:
+        store = build()
+        _write_cached(store, path)
     return store
+
+
+def _read_cached(path: Path) -> ClassStore | None:
+    try:
+        if not path.is_file():
+            return None
+        return ClassStore(**torch.load(path, map_location="cpu", weights_only=True))
+    except Exception:  # a stale, broken or unreadable cache file is rebuilt, never fatal
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+        return None
+
+
+def _write_cached(store: ClassStore, path: Path) -> None:
+    """Write under a temporary name, then rename. A cache that cannot be written (not a
+    folder, read-only, a full disk) costs a decode on the next run, never this run."""
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(store.state(), tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch.save reports a failed write as RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        log.warning(
+            "could not write the decode cache %s (%s); continuing with the decoded data, which "
+            "the next run decodes again. Point METARUN_CACHE at a writable folder with free "
+            "space to keep it.",
+            path,
+            err,
+        )
+
+
+def file_stamp(path: Path, name: str | None = None) -> tuple[str, int, int]:
+    """(name, size, mtime_ns) of a source file, for cache keys: an edited file keeps its
+    name but not its size and modification time, so its split is decoded again."""
+    try:
+        st = path.stat()
+    except OSError as err:
+        raise DataError(
+            f"cannot read {path} ({err.strerror or err}); restore the file, or run again once "
+            "it is in place"
+        ) from err
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{path} is not a regular file; replace it with the image or data file")
+    return (path.name if name is None else name, st.st_size, st.st_mtime_ns)
+
+
+def check_counts(
+    what: str, found: Mapping[str, int], classes: int, per_class: int | None, fix: str
+) -> None:
+    """Refuse a canonical data set's split that lacks classes or images: training and testing
+    on less than the published split would give numbers no one else can compare against.
+
+    found: class name -> number of images; classes, per_class: the published counts."""
+    problems = []
+    if len(found) != classes:
+        problems.append(f"{len(found)} classes instead of {classes}")
+    if per_class is not None:
+        off = [f"{name} ({n})" for name, n in found.items() if n != per_class]
+        if off:
+            problems.append(f"{len(off)} class(es) without {per_class} images: {summarise(off)}")
+    if problems:
+        raise DataError(f"{what} is incomplete: {'; '.join(problems)}. {fix}")

@@ -155,6 +155,12 @@ def fake_archive(path, per_class=(2, 1)):
     return path
 
 
+@pytest.fixture(autouse=True)
+def small_archive(monkeypatch):
+    """The loader refuses archives smaller than CIFAR-100: describe fake_archive's default."""
+    monkeypatch.setattr(cifar, "IMAGES_PER_CLASS", {"train": 2, "test": 1})
+
+
 @pytest.fixture
 def root(tmp_path):
     fake_archive(tmp_path / "cifar-100-python.tar.gz")

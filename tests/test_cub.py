@@ -9,8 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+import metarun.data.cub as cub_module
 from metarun.data import ConfigError, DataError
 from metarun.data.cub import cub, split_of
+
+
+@pytest.fixture(autouse=True)
+def small_copy(monkeypatch):
+    """The loader refuses copies with fewer than 11,788 images: describe make_cub's."""
+    monkeypatch.setattr(cub_module, "IMAGES", 400)
 
 
 def make_cub(base, per_class=2):
@@ -58,6 +65,7 @@ def test_errors(tmp_path, cub_root):
         cub(tmp_path, "train")
     partial = tmp_path / "partial" / "CUB_200_2011" / "images" / "001.A"
     partial.mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(partial / "a.jpg")
     with pytest.raises(DataError, match="1 class folders"):
         cub(tmp_path / "partial", "train")
     (tmp_path / "trunc").mkdir()

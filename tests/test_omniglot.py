@@ -35,6 +35,7 @@ FULL = {
     "images_background.zip": (*DEFAULT_VAL_ALPHABETS, "Greek", "Latin"),
     "images_evaluation.zip": ("Angelic", "Tengwar"),
 }
+OFFICIAL = om.CONTENTS  # before any test replaces it with the fakes' contents
 REAL_DIR = Path(
     os.environ.get(
         "METARUN_OMNIGLOT_DIR",
@@ -79,10 +80,18 @@ def make_root(root: Path, archives: dict, **kw) -> Path:
     return root
 
 
+def expect(monkeypatch, archives: dict, chars: int = 2, images: int = 20) -> None:
+    """Make the loader's table of official contents describe the fakes (write_zip's layout)."""
+    fakes = {name: dict.fromkeys(alphabets, chars) for name, alphabets in archives.items()}
+    monkeypatch.setattr(om, "CONTENTS", {**om.CONTENTS, **fakes})
+    monkeypatch.setattr(om, "DRAWINGS", images)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("METARUN_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("METARUN_DATA", raising=False)
+    expect(monkeypatch, {**SMALL, **FULL})
     om._load_archive.cache_clear()
     yield tmp_path / "cache"
     om._load_archive.cache_clear()
@@ -94,7 +103,8 @@ def small_root(tmp_path) -> Path:
 
 
 @pytest.fixture
-def full_root(tmp_path) -> Path:
+def full_root(tmp_path, monkeypatch) -> Path:
+    expect(monkeypatch, FULL, images=3)
     return make_root(tmp_path / "full", FULL, images=3)
 
 
@@ -307,11 +317,13 @@ def test_corrupt_image(tmp_path):
 # ---------------------------------------------------------------- real data
 
 
-def test_real_small_archives():
+def test_real_small_archives(monkeypatch):
     if not all((REAL_DIR / name).is_file() for name in SMALL):
         pytest.skip(
             f"the real small Omniglot zips are not in {REAL_DIR} (set METARUN_OMNIGLOT_DIR)"
         )
+    monkeypatch.setattr(om, "CONTENTS", OFFICIAL)  # the real archives pass the real check
+    monkeypatch.setattr(om, "DRAWINGS", 20)
     plain = {s: omniglot_small(REAL_DIR, s, rotations=1, download=False) for s in om.SMALL_SPLITS}
     rotated = {s: omniglot_small(REAL_DIR, s, download=False) for s in om.SMALL_SPLITS}
     names = [n for store in plain.values() for n in store.names]

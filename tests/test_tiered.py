@@ -19,6 +19,12 @@ NAMES = ["n001", "n002", "n003"]
 PER_CLASS = 4
 
 
+@pytest.fixture(autouse=True)
+def small_splits(monkeypatch):
+    """The loader refuses splits smaller than the published ones: describe the fixtures'."""
+    monkeypatch.setattr(tiered, "SPLIT_CLASSES", dict.fromkeys(("train", "val", "test"), 3))
+
+
 def arrays(side=20, seed=0):
     rng = np.random.default_rng(seed)
     labels = np.repeat(np.arange(3), PER_CLASS)[::-1].copy()  # classes not in order on disk
