@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from metarun.data.errors import ConfigError
+from metarun.data.params import NonNegativeFloat, NonNegativeInt, PositiveInt
 
 
 def conv_block(c_in: int, c_out: int, variant: str, pool: bool = True) -> nn.Sequential:
@@ -44,13 +45,13 @@ def conv4_feature_shape(
 
 
 def conv4(
-    in_channels: int = 1,
-    hidden: int = 64,
+    in_channels: PositiveInt = 1,
+    hidden: PositiveInt = 64,
     variant: str = "maxpool",
-    out_features: int | None = None,
-    image_size: int = 28,
+    out_features: PositiveInt | None = None,
+    image_size: PositiveInt = 28,
     channels_last: bool = True,
-    pooled_blocks: int = 4,
+    pooled_blocks: NonNegativeInt = 4,
     flatten: bool = True,
 ) -> nn.Sequential:
     """The 4-block convolutional backbone of the few-shot literature.
@@ -104,7 +105,7 @@ class MeanPool(nn.Module):
         return x.mean(dim=(-2, -1))
 
 
-def mlp(in_features: int = 1, hidden: tuple[int, ...] = (40, 40)) -> nn.Sequential:
+def mlp(in_features: PositiveInt = 1, hidden: tuple[PositiveInt, ...] = (40, 40)) -> nn.Sequential:
     """Fully connected layers with ReLU: the network of Finn et al. (2017) for sinusoid
     regression has 2 hidden layers of 40. Input [N, in_features] -> [N, hidden[-1]]."""
     hidden = tuple(int(h) for h in hidden)
@@ -120,7 +121,7 @@ def mlp(in_features: int = 1, hidden: tuple[int, ...] = (40, 40)) -> nn.Sequenti
     return net
 
 
-def pixels(in_channels: int = 1, image_size: int = 28) -> nn.Module:
+def pixels(in_channels: PositiveInt = 1, image_size: PositiveInt = 28) -> nn.Module:
     """No learned encoder: each image becomes the vector of its pixels, [N, C, H, W] ->
     [N, C*H*W] (MANN's input in Santoro et al. 2016, on 20x20 Omniglot images)."""
     if in_channels < 1 or image_size < 1:
@@ -137,7 +138,10 @@ KOCH_CONVS = ((64, 10), (128, 7), (128, 4), (256, 4))
 
 
 def koch_siamese(
-    in_channels: int = 1, image_size: int = 105, features: int = 4096, channels_last: bool = True
+    in_channels: PositiveInt = 1,
+    image_size: PositiveInt = 105,
+    features: PositiveInt = 4096,
+    channels_last: bool = True,
 ) -> nn.Sequential:
     """The twin encoder of Koch, Zemel, Salakhutdinov (2015) for 105x105 images.
 
@@ -194,11 +198,11 @@ class ResidualBlock(nn.Module):
 
 
 def resnet12(
-    in_channels: int = 3,
-    channels: tuple[int, ...] = (64, 160, 320, 640),
-    image_size: int = 84,
+    in_channels: PositiveInt = 3,
+    channels: tuple[PositiveInt, ...] = (64, 160, 320, 640),
+    image_size: PositiveInt = 84,
     pool: str = "avg",
-    slope: float = 0.1,
+    slope: NonNegativeFloat = 0.1,
     channels_last: bool = True,
 ) -> nn.Sequential:
     """ResNet-12 as in MetaOptNet (Lee et al. 2019) and TADAM (Oreshkin et al. 2018): four

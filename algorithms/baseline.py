@@ -10,6 +10,13 @@ from torch import nn
 
 from metarun.data.episodes import Episodes
 from metarun.data.errors import ConfigError
+from metarun.data.params import (
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+)
 
 from .base import MetaLearner, embed_tasks, feature_shape, infer_way, positive_ints
 
@@ -57,16 +64,16 @@ class Baseline(MetaLearner):
     def __init__(
         self,
         backbone: nn.Module,
-        num_classes: int | None = None,
+        num_classes: PositiveInt | None = None,
         classifier: str = "linear",
-        scale: float | None = None,
-        finetune_epochs: int = 100,
-        finetune_batch: int = 4,
-        finetune_lr: float = 0.01,
-        finetune_momentum: float = 0.9,
-        finetune_dampening: float = 0.9,
-        finetune_weight_decay: float = 0.001,
-        finetune_seed: int = 0,
+        scale: PositiveFloat | None = None,
+        finetune_epochs: PositiveInt = 100,
+        finetune_batch: PositiveInt = 4,
+        finetune_lr: PositiveFloat = 0.01,
+        finetune_momentum: Fraction = 0.9,
+        finetune_dampening: Fraction = 0.9,
+        finetune_weight_decay: NonNegativeFloat = 0.001,
+        finetune_seed: NonNegativeInt = 0,
     ):
         super().__init__()
         if num_classes is None:

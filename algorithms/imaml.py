@@ -10,6 +10,7 @@ from torch.func import functional_call
 
 from metarun.data.episodes import Episodes
 from metarun.data.errors import ConfigError
+from metarun.data.params import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
 from .base import HeadLearner, infer_way, metric_name, positive_ints, supervised_loss, task_scores
 
@@ -154,13 +155,13 @@ class IMAML(HeadLearner):
     def __init__(
         self,
         backbone: nn.Module,
-        way: int,
-        lam: float = 2.0,
-        inner_steps: int = 16,
-        inner_lr: float = 0.1,
-        test_inner_steps: int | None = None,
-        cg_steps: int = 5,
-        damping: float = 1.0,
+        way: PositiveInt,
+        lam: PositiveFloat = 2.0,
+        inner_steps: PositiveInt = 16,
+        inner_lr: PositiveFloat = 0.1,
+        test_inner_steps: NonNegativeInt | None = None,
+        cg_steps: PositiveInt = 5,
+        damping: NonNegativeFloat = 1.0,
         batched: str = "auto",
     ):
         if batched not in BATCHED:

@@ -9,6 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metarun.data.errors import ConfigError
+from metarun.data.params import NonNegativeInt, PositiveFloat, PositiveInt
 
 from .base import HeadLearner, infer_way, positive_ints, supervised_loss
 
@@ -66,11 +67,11 @@ class LSTMMetaLearner(HeadLearner):
     def __init__(
         self,
         backbone: nn.Module,
-        way: int,
-        inner_steps: int = 5,
-        test_inner_steps: int | None = None,
-        hidden_size: int = 20,
-        grad_clip: float = 0.25,
+        way: PositiveInt,
+        inner_steps: PositiveInt = 5,
+        test_inner_steps: NonNegativeInt | None = None,
+        hidden_size: PositiveInt = 20,
+        grad_clip: PositiveFloat = 0.25,
         forget_bias: tuple[float, float] = (4.0, 6.0),
         input_bias: tuple[float, float] = (-5.0, -4.0),
     ):

@@ -9,6 +9,7 @@ from torch.func import functional_call
 
 from metarun.data.episodes import Episodes
 from metarun.data.errors import ConfigError
+from metarun.data.params import NonNegativeInt, PositiveFloat, PositiveInt
 
 from . import task_threads
 from .base import HeadLearner, infer_way, metric_name, positive_ints, supervised_loss, task_scores
@@ -70,16 +71,16 @@ class MAML(HeadLearner):
     def __init__(
         self,
         backbone: nn.Module,
-        way: int,
-        inner_steps: int = 1,
-        inner_lr: float = 0.4,
-        test_inner_steps: int | None = None,
+        way: PositiveInt,
+        inner_steps: PositiveInt = 1,
+        inner_lr: PositiveFloat = 0.4,
+        test_inner_steps: NonNegativeInt | None = None,
         first_order: bool = False,
         learn_inner_lr: bool = False,
         adapt: str = "all",
         batch_norm: str = "transductive",
         batched: str = "auto",
-        test_inner_lr: float | None = None,
+        test_inner_lr: PositiveFloat | None = None,
     ):
         positive_ints(inner_steps=inner_steps)
         test_inner_steps = inner_steps if test_inner_steps is None else test_inner_steps

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.data.errors import ConfigError
+from metarun.data.params import PositiveFloat, PositiveInt, Probability
 
 from .base import MetaLearner, feature_shape, infer_way, positive_ints
 
@@ -133,20 +134,20 @@ class MANN(MetaLearner):
     def __init__(
         self,
         backbone: nn.Module,
-        way: int,
-        controller_size: int = 200,
-        memory_slots: int = 128,
-        memory_width: int = 40,
-        read_heads: int = 4,
-        gamma: float = 0.95,
+        way: PositiveInt,
+        controller_size: PositiveInt = 200,
+        memory_slots: PositiveInt = 128,
+        memory_width: PositiveInt = 40,
+        read_heads: PositiveInt = 4,
+        gamma: Probability = 0.95,
         memory: bool = True,
         key_strength: bool = False,
         read_first: bool = False,
         labels: str = "onehot",
-        string_length: int = 5,
-        string_chars: int = 5,
+        string_length: PositiveInt = 5,
+        string_chars: PositiveInt = 5,
         optimizer: str = "adam",
-        grad_clip: float | None = None,
+        grad_clip: PositiveFloat | None = None,
     ):
         super().__init__()
         positive_ints(

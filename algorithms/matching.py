@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.data.errors import ConfigError
+from metarun.data.params import PositiveFloat, PositiveInt
 
 from .base import MetaLearner, embed_tasks, feature_shape, infer_way, positive_ints
 
@@ -57,8 +58,8 @@ class MatchingNet(MetaLearner):
         self,
         backbone: nn.Module,
         fce: bool = False,
-        fce_steps: int = 5,
-        scale: float = 1.0,
+        fce_steps: PositiveInt = 5,
+        scale: PositiveFloat = 1.0,
         learn_scale: bool = False,
     ):
         super().__init__()

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.data.errors import ConfigError
+from metarun.data.params import NonNegativeFloat, PositiveInt
 
 from .base import (
     MetaLearner,
@@ -74,11 +75,11 @@ class MetaNet(MetaLearner):
     def __init__(
         self,
         backbone: nn.Module,
-        way: int,
-        repr_dim: int = 64,
-        hidden_size: int = 20,
-        pairs: int = 10,
-        repr_weight: float = 1.0,
+        way: PositiveInt,
+        repr_dim: PositiveInt = 64,
+        hidden_size: PositiveInt = 20,
+        pairs: PositiveInt = 10,
+        repr_weight: NonNegativeFloat = 1.0,
         shared_backbone: bool = False,
     ):
         super().__init__()

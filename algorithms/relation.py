@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.data.errors import ConfigError
+from metarun.data.params import NonNegativeInt, PositiveInt
 
 from .base import MetaLearner, embed_tasks, feature_shape, infer_way
 
@@ -55,7 +56,13 @@ class RelationNet(MetaLearner):
       running statistics.
     """
 
-    def __init__(self, backbone: nn.Module, hidden: int = 64, fc_hidden: int = 8, padding: int = 1):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        hidden: PositiveInt = 64,
+        fc_hidden: PositiveInt = 8,
+        padding: NonNegativeInt = 1,
+    ):
         super().__init__()
         shape = feature_shape(backbone, "the relation learner")
         self.backbone = backbone

@@ -8,6 +8,7 @@ from torch.func import functional_call
 
 from metarun.data.episodes import Episodes
 from metarun.data.errors import ConfigError
+from metarun.data.params import PositiveFloat, PositiveInt
 
 from .base import HeadLearner, infer_way, metric_name, positive_ints, supervised_loss, task_scores
 
@@ -47,12 +48,12 @@ class Reptile(HeadLearner):
     def __init__(
         self,
         backbone: nn.Module,
-        way: int,
-        inner_steps: int = 5,
-        inner_lr: float = 0.001,
+        way: PositiveInt,
+        inner_steps: PositiveInt = 5,
+        inner_lr: PositiveFloat = 0.001,
         inner_optimizer: str = "adam",
-        inner_batch: int = 10,
-        test_inner_steps: int = 50,
+        inner_batch: PositiveInt = 10,
+        test_inner_steps: PositiveInt = 50,
     ):
         positive_ints(
             inner_steps=inner_steps, inner_batch=inner_batch, test_inner_steps=test_inner_steps

@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from metarun.algorithms.base import NAN_POLICIES, MetaLearner
+from metarun.algorithms.base import MetaLearner
 from metarun.data.episodes import ImageBatchSampler, episode_sampler
 from metarun.data.errors import ConfigError, MetarunError
 from metarun.data.images import Preprocess
@@ -23,7 +23,6 @@ from metarun.data.store import ClassStore
 DATA_META_KEYS = ("name", "channels", "invert", "augment", "task", "inputs", "input_dim")
 BACKBONE_META_KEYS = ("name", "inputs")
 SPLITS = ("train", "val", "test")
-MODES = ("train", "test", "predict")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -144,74 +143,3 @@ def preprocess_of(data_cfg: DictConfig) -> Preprocess:
     return Preprocess(
         size=int(data_cfg.image_size), channels=int(data_cfg.channels), invert=bool(data_cfg.invert)
     )
-
-
-def positive_int(cfg: DictConfig, key: str) -> int:
-    value = OmegaConf.select(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}; e.g. {key}=5")
-    return value
-
-
-def validate(cfg: DictConfig) -> None:
-    """Fail before any work on settings that cannot run."""
-    if cfg.mode not in MODES:
-        raise ConfigError(f"mode={cfg.mode!r} is unknown; choose one of {', '.join(MODES)}")
-    if cfg.mode in ("test", "predict") and not cfg.get("ckpt"):
-        raise ConfigError(f"mode={cfg.mode} needs a checkpoint: add ckpt=PATH/TO/best.pt")
-    if cfg.mode == "predict":
-        if not cfg.get("support") or not isinstance(cfg.query, str):
-            raise ConfigError(
-                "mode=predict needs support=DIR (one subfolder per class) and query=DIR "
-                "(the images to classify)"
-            )
-        return
-    keys = ["way", "shot", "query", "eval.way", "eval.shot", "eval.query", "eval.episodes"]
-    if cfg.mode == "train":
-        keys += [
-            "trainer.steps",
-            "trainer.meta_batch",
-            "trainer.val_every",
-            "trainer.val_episodes",
-            "trainer.log_every",
-            "trainer.ckpt_every",
-        ]
-    for key in keys:
-        positive_int(cfg, key)
-    head = OmegaConf.select(cfg, "algo.way")  # learners with a classifier head of fixed size
-    if isinstance(head, int) and cfg.eval.way > head:
-        raise ConfigError(
-            f"algo={cfg.algo.name} has a {head}-way classifier head (algo.way), so it cannot "
-            f"be scored on {cfg.eval.way}-way tasks; set eval.way <= {head}, or train with "
-            f"way={cfg.eval.way}"
-        )
-    check_learner_fits_data(cfg)
-    if cfg.mode == "train" and not float(cfg.trainer.lr) > 0:
-        raise ConfigError(f"trainer.lr must be positive, got {cfg.trainer.lr}")
-    if cfg.trainer.amp not in ("off", "bf16", "fp16"):
-        raise ConfigError(f"trainer.amp={cfg.trainer.amp!r}; choose off, bf16 or fp16")
-    if cfg.trainer.get("nan_policy", "stop") not in NAN_POLICIES:
-        raise ConfigError(
-            f"trainer.nan_policy={cfg.trainer.nan_policy!r}; choose {', '.join(NAN_POLICIES)}"
-        )
-    if cfg.mode == "train" and "keep_last" in cfg.trainer:
-        positive_int(cfg, "trainer.keep_last")
-
-
-def check_learner_fits_data(cfg: DictConfig) -> None:
-    """Regression data needs a learner with an output head, and each backbone its inputs."""
-    data_inputs = cfg.data.get("inputs", "images")
-    backbone_inputs = cfg.backbone.get("inputs", "images")
-    if data_inputs != backbone_inputs:
-        hint = "backbone=mlp" if data_inputs == "vectors" else "an image backbone, e.g. conv4"
-        raise ConfigError(
-            f"data={cfg.data.name} gives {data_inputs} but backbone={cfg.backbone.name} takes "
-            f"{backbone_inputs}; use {hint}"
-        )
-    if cfg.data.get("task", "classification") == "regression":
-        learner = learner_class(cfg)
-        if learner is not None and not getattr(learner, "supports_regression", False):
-            raise ConfigError(
-                f"algo={cfg.algo.name} is classification-only and data={cfg.data.name} is "
-                "regression; use algo=maml, fomaml, metasgd, anil, reptile or imaml"
-            )

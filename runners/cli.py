@@ -23,12 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun.data.errors import ConfigError, MetarunError, StoppedError
 from metarun.runners import checkpoint, distributed, rundir
-from metarun.runners.build import build_store, configure_tf32, resolve_device, validate
+from metarun.runners.build import build_store, configure_tf32, resolve_device
 from metarun.runners.evaluate import evaluate
 from metarun.runners.files import os_error, write_text_atomic
 from metarun.runners.stopping import Interrupted, stop_signals
 from metarun.runners.sweep import CONTINUED_FILE, ERROR_FILE
 from metarun.runners.trainer import Trainer, eval_episodes, results_record, write_results
+from metarun.runners.validate import validate
 
 log = logging.getLogger("metarun")
 
@@ -224,6 +225,8 @@ def failed(err: Exception, run_dir: Path, multirun: bool):
     sweep, record it and let the other jobs run."""
     if os.environ.get("METARUN_DEBUG"):
         raise err
+    if isinstance(err, MetarunError):  # the run's log says how it ended, too
+        to_log_files(logging.WARNING if isinstance(err, StoppedError) else logging.ERROR, str(err))
     if isinstance(err, StoppedError) and err.exit_code >= 128:
         # a signal (Ctrl-C, pre-emption) stops the whole command, a sweep too
         print(f"metarun: {err}", file=sys.stderr)
@@ -244,6 +247,15 @@ def failed(err: Exception, run_dir: Path, multirun: bool):
         raise err
     print(f"metarun: error: {err}", file=sys.stderr)
     sys.exit(err.exit_code if isinstance(err, StoppedError) else 2)
+
+
+def to_log_files(level: int, message: str) -> None:
+    """A line in the run's log file (metarun.log) only: the console gets the message once,
+    on stderr."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def main() -> None:

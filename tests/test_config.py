@@ -10,7 +10,8 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import metarun.conf
-from metarun.runners.build import build_learner, build_store, validate
+from metarun.runners.build import build_learner, build_store
+from metarun.runners.validate import validate
 
 CONF = Path(metarun.conf.__file__).parent
 GROUPS = ("algo", "data", "backbone", "logger", "experiment")

@@ -130,7 +130,9 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match="No space left on device.*previous last.pt is intact"):
+    with pytest.raises(
+        CheckpointError, match="No space left on device.*previous last.pt is intact"
+    ):
         checkpoint.save_atomic({"model": {"w": torch.zeros(3)}, "config": {}, "step": 2}, path)
     monkeypatch.undo()
     state = checkpoint.load(path)

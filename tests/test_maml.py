@@ -185,7 +185,7 @@ def test_a_head_smaller_than_the_test_way_is_refused_before_training():
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    from metarun.runners.build import validate
+    from metarun.runners.validate import validate
 
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="metarun.conf", version_base="1.3"):

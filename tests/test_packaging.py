@@ -52,7 +52,7 @@ def test_wheel_holds_only_the_metarun_package_and_its_yaml(wheel):
     entry_points = zipfile.ZipFile(wheel).read(
         next(n for n in names if n.endswith("entry_points.txt"))
     )
-    assert b"metarun = metarun.runners.cli:main" in entry_points
+    assert b"metarun = metarun.__main__:main" in entry_points
 
 
 def test_installed_wheel_composes_its_config(wheel, tmp_path):

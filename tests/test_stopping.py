@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import read_jsonl, run_cli
 from test_config import compose_with
 from test_wandb import item_key, read_wandb_records
 
+from metarun.data.errors import StoppedError
 from metarun.runners.trainer import Trainer
 
 STEPS = [
@@ -210,3 +211,179 @@ def test_a_requeued_submitit_job_continues_from_its_own_checkpoint(tmp_path):
         again.stderr + again.stdout
     )
     assert json.loads((run / "results.json").read_text())["steps"] == 60
+
+
+# -- a second signal: stop at once, losing at most the step in progress ---------------------
+
+HARD = [
+    "logger=none",
+    "query=2",
+    "trainer.steps=6",
+    "trainer.meta_batch=2",
+    "trainer.val_every=2",
+    "trainer.val_episodes=4",
+    "trainer.log_every=1",
+    "eval.episodes=4",
+    "device=cpu",
+]
+
+
+def two_signals() -> None:
+    """Ctrl-C twice, delivered to this process where it stands."""
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+class TwoSignalsInStep(Trainer):
+    """Both signals arrive inside step 4: before its update, inside it, or during the
+    validation after it (`where`)."""
+
+    where = "before the update"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        step = self.learner.meta_train_step
+
+        def stepped(episodes):
+            if self.step == 3 and self.where == "before the update":
+                two_signals()
+            return step(episodes)
+
+        self.learner.meta_train_step = stepped
+        if self.where == "inside the update":
+            self.learner.optimizer.register_step_post_hook(  # the weights just changed
+                lambda *a: two_signals() if self.step == 3 else None
+            )
+        if self.where == "during validation":
+            predict = self.learner.predict
+
+            def predicting(*args, **kwargs):
+                if self.step == 4 and not self.learner.training:
+                    two_signals()
+                return predict(*args, **kwargs)
+
+            self.learner.predict = predicting
+
+
+@pytest.mark.parametrize(
+    ("where", "saved_step", "pending"),
+    [
+        ("before the update", 3, False),
+        ("inside the update", 4, True),
+        ("during validation", 4, True),
+    ],
+)
+def test_a_second_signal_stops_at_once_and_the_run_resumes_exactly(
+    tmp_path, where, saved_step, pending
+):
+    """Wherever the second Ctrl-C lands, last.pt is a whole step (the one in progress dropped,
+    or kept with its bookkeeping still to do) and the resumed run ends with the weights,
+    metrics and results of a run that was never interrupted."""
+    cpu = torch.device("cpu")
+    whole = Trainer(compose_with(*HARD), tmp_path / "whole", cpu)
+    whole_results = whole.fit()
+    TwoSignalsInStep.where = where
+    with pytest.raises(StoppedError, match=r"stopped at once by a second signal \(SIGINT\)") as err:
+        TwoSignalsInStep(compose_with(*HARD), tmp_path / "part", cpu).fit()
+    assert err.value.exit_code == 130
+    state = torch.load(tmp_path / "part" / "checkpoints" / "last.pt", weights_only=True)
+    assert (state["step"], state["pending"]) == (saved_step, pending)
+    resumed = Trainer(compose_with(*HARD), tmp_path / "part", cpu)
+    results = resumed.fit(resume_from=tmp_path / "part" / "checkpoints" / "last.pt")
+    a, b = whole.learner.state_dict(), resumed.learner.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def rows(run):
+        return [
+            {k: v for k, v in r.items() if k != "seconds"}
+            for r in read_jsonl(run / "metrics.jsonl")
+        ]
+
+    assert rows(tmp_path / "part") == rows(tmp_path / "whole")
+    drop = ("seconds",)
+    assert {k: v for k, v in results.items() if k not in drop} == {
+        k: v for k, v in whole_results.items() if k not in drop
+    }
+
+
+def test_a_stopped_runs_temporary_checkpoint_files_are_removed_at_the_next_start(tmp_path):
+    run = tmp_path / "run"
+    Trainer(compose_with(*HARD, "trainer.steps=2"), run, torch.device("cpu")).fit()
+    stale = run / "checkpoints" / ".tmp-last.pt.tmp999999"  # a writer killed mid-write
+    stale.write_bytes(b"partial")
+    again = Trainer(compose_with(*HARD, "trainer.steps=4"), run, torch.device("cpu"))
+    again.fit(resume_from=run / "checkpoints" / "last.pt")
+    assert not stale.exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+
+
+def test_non_finite_weights_never_reach_a_checkpoint(tmp_path):
+    """An update that makes the weights inf (finite gradients, nan_policy=off): the run
+    stops with status 3 and last.pt keeps the last step whose weights were finite."""
+    run = tmp_path / "run"
+    trainer = Trainer(
+        compose_with(*HARD, "trainer.nan_policy=off", "trainer.ckpt_every=1"),
+        run,
+        torch.device("cpu"),
+    )
+
+    def blow_up(optimizer, args, kwargs):
+        if trainer.step == 3:
+            with torch.no_grad():
+                next(trainer.learner.parameters()).fill_(float("inf"))
+
+    trainer.learner.optimizer.register_step_post_hook(blow_up)
+    with pytest.raises(StoppedError, match="NaN or inf by step 4.*still holds step 3") as err:
+        trainer.fit()
+    assert err.value.exit_code == 3
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(run / "checkpoints" / name, weights_only=True)
+        assert all(
+            torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point()
+        )
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
+
+
+def test_sigterm_during_the_final_test_stops_cleanly_and_the_command_finishes_it(tmp_path):
+    """Training is over when the test starts: a signal there stops at once with status 143,
+    a message (no traceback) and the command that runs the test; that command does not
+    train again."""
+    run = tmp_path / "run"
+    args = [
+        *STEPS,
+        "trainer.steps=4",
+        "trainer.val_every=2",
+        "eval.episodes=1000",
+        "eval.batch=1",
+    ]
+    proc = start(*args, f"hydra.run.dir={run}", cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while (
+        not (run / "checkpoints" / "last.pt").exists()
+        or torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] < 4
+    ):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the test's 1000 forward passes
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "interrupted by SIGTERM during the final test: training is complete" in err
+    assert "Traceback" not in err and not (run / "results.json").exists()
+    assert "interrupted by SIGTERM during the final test" in (run / "metarun.log").read_text()
+    command = shlex.split(err.split("Run the test with:")[1].strip().splitlines()[0])
+    done = run_cli(*command[1:], "eval.batch=100", cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert results["steps"] == 4 and results["episodes"] == 1000
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [2, 4]  # none twice
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_starting_ends_with_its_status_and_a_message(tmp_path, sig):
+    proc = start(*STEPS, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    time.sleep(0.8)  # importing torch, composing the config or building the data
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    assert f"interrupted by {signal.Signals(sig).name}" in err and "Traceback" not in err
