@@ -26,6 +26,7 @@ import torch
 from . import safe_pickle
 from .download import download_root, fetch
 from .errors import DataError
+from .params import PositiveInt, Rotations
 from .store import ClassStore, cached_store, check_counts, check_split_args, file_stamp, resize
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -69,8 +70,8 @@ def cifar_fs(
     split: str = "train",
     *,
     download: bool = True,
-    image_size: int = 32,
-    rotations: int = 1,
+    image_size: PositiveInt = 32,
+    rotations: Rotations = 1,
 ) -> ClassStore:
     """One CIFAR-FS split (64 / 16 / 20 classes)."""
     store, _ = _check_and_load(root, split, download, image_size)
@@ -82,8 +83,8 @@ def fc100(
     split: str = "train",
     *,
     download: bool = True,
-    image_size: int = 32,
-    rotations: int = 1,
+    image_size: PositiveInt = 32,
+    rotations: Rotations = 1,
 ) -> ClassStore:
     """One FC100 split (superclasses 12 / 4 / 4: 60 / 20 / 20 classes)."""
     store, coarse = _check_and_load(root, split, download, image_size)

@@ -24,6 +24,7 @@ import torch
 
 from .errors import DataError, summarise
 from .images import Preprocess, decode_image, image_folders, is_image
+from .params import PositiveInt, Rotations
 from .store import ClassStore, cached_store, check_split_args, file_stamp, require_root
 
 TARBALL, FOLDER = "CUB_200_2011.tgz", "CUB_200_2011"
@@ -47,8 +48,8 @@ def cub(
     root: str | os.PathLike | None = None,
     split: str = "train",
     *,
-    image_size: int = 84,
-    rotations: int = 1,
+    image_size: PositiveInt = 84,
+    rotations: Rotations = 1,
 ) -> ClassStore:
     """One split of CUB-200-2011 (100 / 50 / 50 classes)."""
     check_split_args(split, image_size, rotations)

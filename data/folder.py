@@ -27,6 +27,7 @@ import torch
 
 from .errors import ConfigError, DataError, summarise
 from .images import Preprocess, decode_image, image_folders, is_image, scan_folder
+from .params import NonNegativeInt, PositiveInt, Rotations
 from .store import SPLITS, ClassStore, cached_store, check_split_args, file_stamp
 
 LAYOUT = "root/<class name>/<image files>"
@@ -36,13 +37,13 @@ def folder(
     root: str | os.PathLike | None = None,
     split: str = "train",
     *,
-    image_size: int = 84,
+    image_size: PositiveInt = 84,
     channels: int = 3,
     invert: bool = False,
     ratios: Sequence[float] = (0.64, 0.16, 0.20),
     split_files: Mapping[str, str] | None = None,
-    seed: int = 0,
-    rotations: int = 1,
+    seed: NonNegativeInt = 0,
+    rotations: Rotations = 1,
 ) -> ClassStore:
     """One split of the class folders under `root` (see the module docstring)."""
     check_split_args(split, image_size, rotations)

@@ -32,6 +32,7 @@ import torch
 from . import safe_pickle
 from .errors import DataError, summarise
 from .images import Preprocess, decode_image, entry_kind
+from .params import PositiveInt, Rotations
 from .store import (
     ClassStore,
     cached_store,
@@ -57,8 +58,8 @@ def miniimagenet(
     root: str | os.PathLike | None = None,
     split: str = "train",
     *,
-    image_size: int = 84,
-    rotations: int = 1,
+    image_size: PositiveInt = 84,
+    rotations: Rotations = 1,
 ) -> ClassStore:
     """One split of miniImageNet from `root` (see the module docstring for the forms)."""
     check_split_args(split, image_size, rotations)

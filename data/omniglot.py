@@ -29,6 +29,7 @@ import torch
 from .download import download_root, fetch
 from .errors import ConfigError, DataError, summarise
 from .images import Preprocess, decode_image, list_folders, list_images
+from .params import NonNegativeInt, PositiveInt, Rotations
 from .store import (
     SPLITS,
     ClassStore,
@@ -140,12 +141,12 @@ def omniglot(
     split: str = "train",
     *,
     download: bool = True,
-    rotations: int = 4,
-    image_size: int = 28,
+    rotations: Rotations = 4,
+    image_size: PositiveInt = 28,
     split_by: str = "alphabet",
     val_alphabets: Sequence[str] = DEFAULT_VAL_ALPHABETS,
-    character_split: Sequence[int] = (1100, 100, 423),
-    seed: int = 0,
+    character_split: Sequence[NonNegativeInt] = (1100, 100, 423),
+    seed: NonNegativeInt = 0,
 ) -> ClassStore:
     """One split of full Omniglot (1623 characters, 20 drawings each).
 
@@ -179,8 +180,8 @@ def omniglot_small(
     split: str = "train",
     *,
     download: bool = True,
-    rotations: int = 4,
-    image_size: int = 28,
+    rotations: Rotations = 4,
+    image_size: PositiveInt = 28,
 ) -> ClassStore:
     """One split of the two official small background sets (8 alphabets, 242 characters).
 

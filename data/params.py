@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 
 @dataclass(frozen=True)
@@ -56,3 +56,4 @@ NonNegativeFloat = Annotated[float, Range(low=0)]
 Probability = Annotated[float, Range(low=0, high=1)]  # [0, 1]
 Fraction = Annotated[float, Range(low=0, high=1, high_open=True)]  # [0, 1): momenta, dropout
 UnitInterval = Annotated[float, Range(low=0, high=1, low_open=True)]  # (0, 1]: decay factors
+Rotations = Literal[1, 2, 4]  # rotations as new classes: none, 180 degrees, or 90-degree steps

@@ -13,6 +13,7 @@ import math
 import torch
 
 from .errors import ConfigError
+from .params import NonNegativeInt, PositiveInt, Rotations
 from .store import ClassStore, cached_store
 
 SPLITS = ("train", "val", "test")
@@ -22,11 +23,11 @@ POINTS_PER_STROKE = 24
 def synthetic(
     split: str = "train",
     *,
-    classes: tuple[int, int, int] = (200, 50, 50),
-    samples: int = 20,
-    image_size: int = 28,
-    seed: int = 0,
-    rotations: int = 1,
+    classes: tuple[PositiveInt, PositiveInt, PositiveInt] = (200, 50, 50),
+    samples: PositiveInt = 20,
+    image_size: PositiveInt = 28,
+    seed: NonNegativeInt = 0,
+    rotations: Rotations = 1,
 ) -> ClassStore:
     """The `split` part of the synthetic glyph set as a ClassStore.
 

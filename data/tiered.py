@@ -38,6 +38,7 @@ import torch
 from . import safe_pickle
 from .errors import DataError, summarise
 from .images import Preprocess, decode_image, image_folders
+from .params import PositiveInt, Rotations
 from .store import (
     ClassStore,
     cache_dir,
@@ -64,8 +65,8 @@ def tiered_imagenet(
     root: str | os.PathLike | None = None,
     split: str = "train",
     *,
-    image_size: int = 84,
-    rotations: int = 1,
+    image_size: PositiveInt = 84,
+    rotations: Rotations = 1,
 ) -> ClassStore:
     """One split of tieredImageNet, memory-mapped from the decoded cache."""
     check_split_args(split, image_size, rotations)

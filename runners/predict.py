@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 
 from metarun.data.errors import ConfigError
-from metarun.data.images import list_images, to_float
+from metarun.data.images import list_folders, list_images, to_float
 
 log = logging.getLogger("metarun")
 
 
 def read_support(folder: Path, preprocess) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """support/<class>/<image> -> x [n, C, H, W] uint8, y [n], class names."""
-    classes = sorted(p for p in folder.iterdir() if p.is_dir())
+    classes = list_folders(folder)  # hidden, special and broken entries skipped, and named
     if len(classes) < 2:
         raise ConfigError(
             f"support={folder} needs one subfolder per class (at least 2), found {len(classes)}"

@@ -38,8 +38,16 @@ from metarun.runners import distributed
 from metarun.runners.files import os_error
 
 MARKER = ".metarun-run"
-# what a folder holds once a run has used it (older runs have no marker)
-RUN_FILES = (MARKER, ".hydra", "checkpoints", "metrics.jsonl", "results.json")
+# what a folder holds once a run or a sweep has used it (older runs have no marker)
+RUN_FILES = (
+    MARKER,
+    ".hydra",
+    "checkpoints",
+    "metrics.jsonl",
+    "results.json",
+    "multirun.yaml",
+    "summary.csv",
+)
 IF_EXISTS = ("refuse", "new")
 RUN_WHERE = "run folders are chosen with paths.output_root=DIR or hydra.run.dir=DIR"
 MAX_NUMBER = 10_000
@@ -52,7 +60,17 @@ class FolderTaken(ConfigError):
 
 
 def holds_run(folder: Path) -> bool:
-    return any((folder / name).exists() for name in RUN_FILES)
+    """A run's folder, or a sweep's (whose job folders hold runs)."""
+    if any((folder / name).exists() for name in RUN_FILES):
+        return True
+    try:
+        return any(
+            (job / ".hydra").exists() or (job / MARKER).exists()
+            for job in folder.iterdir()
+            if job.is_dir()
+        )
+    except OSError:
+        return False
 
 
 def claim(folder: Path) -> Path:
@@ -283,8 +301,11 @@ def read_overrides(run: Path) -> list[str]:
 
 
 def same_overrides(a: list[str], b: list[str]) -> bool:
+    """The same run, up to settings a resume may change (trainer.steps, paths, logger...)."""
+    from metarun.runners.trainer import may_change
+
     def norm(items):
-        return sorted(o for o in items if not o.startswith("resume="))
+        return sorted(o for o in items if not may_change(o.split("=", 1)[0].lstrip("+~")))
 
     return norm(a) == norm(b)
 

@@ -305,7 +305,9 @@ def check_hint(name: str, value, hint) -> str | None:
     if hint is type(None):
         return None if value is None else f"{name} must be null, got {value!r}"
     if origin is Literal:
-        return None if value in args else f"{name}={value!r}; choose {', '.join(map(str, args))}"
+        if any(value == a and type(value) is type(a) for a in args):
+            return None
+        return f"{name}={value!r}; choose {', '.join(map(str, args))}"
     if hint is bool:
         return boolean(name, value)
     if hint is int:
