@@ -69,7 +69,7 @@ def number(
 
 def boolean(key, value):
     if not isinstance(value, bool):
-        return f"{key} must be true or false, got {value!r}"
+        return f"{key} must be true or false, got {value!r}; use {key}=true or {key}=false"
     return None
 
 
@@ -346,6 +346,7 @@ def check_sequence(name: str, value, origin, args) -> str | None:
 
 def validate(cfg: DictConfig) -> None:
     """Fail before any work on settings that cannot run; every problem named at once."""
+    check_inputs(cfg)  # first: a vector data set leaves an image backbone's keys unresolvable
     plain = resolved(cfg)
     mode = plain.get("mode")
     if mode not in MODES:
@@ -394,16 +395,27 @@ def check_combinations(cfg: DictConfig, plain: dict) -> None:
     check_learner_fits_data(cfg)
 
 
-def check_learner_fits_data(cfg: DictConfig) -> None:
-    """Regression data needs a learner with an output head, and each backbone its inputs."""
-    data_inputs = cfg.data.get("inputs", "images")
-    backbone_inputs = cfg.backbone.get("inputs", "images")
+def check_inputs(cfg: DictConfig) -> None:
+    """The backbone takes what the data set gives (read without resolving the config)."""
+    data, backbone = cfg.get("data"), cfg.get("backbone")
+    if data is None or backbone is None:
+        return
+    try:
+        data_inputs = data.get("inputs", "images")
+        backbone_inputs = backbone.get("inputs", "images")
+    except OmegaConfBaseException:
+        return  # an interpolated value: resolved() names the problem
     if data_inputs != backbone_inputs:
         hint = "backbone=mlp" if data_inputs == "vectors" else "an image backbone, e.g. conv4"
         raise ConfigError(
             f"data={cfg.data.name} gives {data_inputs} but backbone={cfg.backbone.name} takes "
             f"{backbone_inputs}; use {hint}"
         )
+
+
+def check_learner_fits_data(cfg: DictConfig) -> None:
+    """Regression data needs a learner with an output head."""
+    check_inputs(cfg)
     if cfg.data.get("task", "classification") == "regression":
         learner = learner_class(cfg)
         if learner is not None and not getattr(learner, "supports_regression", False):

@@ -101,6 +101,7 @@ def test_every_learner_family_runs_on_resnet12():
         assert torch.isfinite(metrics["loss"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "algo",
     ["protonet", "siamese", "matching", "relation", "maml", "anil", "reptile", "imaml", "mann"],

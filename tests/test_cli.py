@@ -143,6 +143,7 @@ def test_python_api_load_and_predict(trained_run, tmp_path):
     assert logits.shape == (1, 4, 4)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
     args = [*FAST, "trainer.steps=60", "trainer.ckpt_every=10", "trainer.val_every=30"]
     run_cli(*args, f"paths.output_root={tmp_path / 'a'}", cwd=tmp_path)
@@ -170,6 +171,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     assert [r["step"] for r in read_jsonl(cut / "metrics.jsonl")] == [10, 20, 30, 40, 50, 60]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAVE_OMNIGLOT, reason=f"real Omniglot archives not found in {OMNIGLOT_DIR}")
 def test_short_run_on_real_omniglot(tmp_path):
     run = tmp_path / "run"

@@ -81,6 +81,7 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=atol, msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LEARNERS))
 def test_two_processes_equal_one_with_the_same_total_meta_batch(tmp_path, name):
     args = [*SINUSOID, *LEARNERS[name], "trainer.steps=6", "trainer.log_every=3"]
@@ -101,6 +102,7 @@ def test_two_processes_equal_one_with_the_same_total_meta_batch(tmp_path, name):
     assert r2["episodes"] == r1["episodes"] == 10
 
 
+@pytest.mark.slow
 def test_a_two_process_run_resumes_from_its_checkpoint_like_one_process(tmp_path):
     args = [*SINUSOID, *LEARNERS["maml"], "trainer.log_every=3"]
     one_process([*args, "trainer.steps=6"], tmp_path / "one")
@@ -138,6 +140,7 @@ def test_other_ranks_leave_no_files(tmp_path):
     assert json.loads((run / "results.json").read_text())["episodes"] == 10
 
 
+@pytest.mark.slow
 def test_settings_that_cannot_run_under_torchrun_fail_before_any_work(tmp_path):
     # torchrun's environment, one process: each check comes before the process group
     env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}

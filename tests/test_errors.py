@@ -22,6 +22,7 @@ def fails(tmp_path, *overrides, env=None):
     return proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides,message",
     [
@@ -44,6 +45,7 @@ def test_bad_settings_get_a_clear_message(tmp_path, overrides, message):
     assert message in fails(tmp_path, *overrides)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "choice"),
     [
@@ -97,7 +99,9 @@ def test_resume_with_other_settings_is_refused_and_keeps_the_checkpoint(trained_
 
 
 def test_tf32_must_be_a_boolean(tmp_path):
-    assert "tf32='maybe': use tf32=true or tf32=false" in fails(tmp_path, "tf32=maybe")
+    assert "tf32 must be true or false, got 'maybe'; use tf32=true or tf32=false" in fails(
+        tmp_path, "tf32=maybe"
+    )
 
 
 def test_tf32_switch_sets_both_cuda_flags():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import run_cli, run_dirs
 from omegaconf import OmegaConf
 from test_omniglot import FULL, expect, make_root
@@ -26,6 +27,7 @@ LEARNERS = METRIC + OPTIMIZATION
 DEFAULT_BACKBONES = {"relation": "conv4_relation"} | {a: "conv4_strided" for a in OPTIMIZATION}
 
 
+@pytest.mark.slow
 def test_every_learner_runs_20_way_1_shot_on_omniglot(tmp_path, monkeypatch):
     root = make_root(tmp_path / "omniglot", FULL, chars=3, images=4)
     expect(monkeypatch, FULL, chars=3, images=4)

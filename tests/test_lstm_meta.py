@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import contract_inputs, learning_run
@@ -67,6 +68,7 @@ def test_predict_contract():
     assert all(torch.equal(v, before[k]) for k, v in learner.state_dict().items())
 
 
+@pytest.mark.slow
 def test_lstm_meta_learner_learns_on_synthetic_glyphs():
     torch.manual_seed(0)
     learner = LSTMMetaLearner(conv4(hidden=16), way=5, inner_steps=3)

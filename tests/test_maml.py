@@ -166,12 +166,11 @@ STEPS = 100
 @pytest.mark.parametrize(
     "algo, loss_ratio",
     [
-        ({}, 0.7),
-        ({"first_order": True}, 0.8),
-        ({"learn_inner_lr": True}, 0.7),
-        ({"adapt": "head"}, 0.92),
+        pytest.param({}, 0.7, id="maml"),
+        pytest.param({"first_order": True}, 0.8, id="fomaml", marks=pytest.mark.slow),
+        pytest.param({"learn_inner_lr": True}, 0.7, id="metasgd", marks=pytest.mark.slow),
+        pytest.param({"adapt": "head"}, 0.92, id="anil", marks=pytest.mark.slow),
     ],
-    ids=["maml", "fomaml", "metasgd", "anil"],
 )
 def test_learns_on_synthetic_glyphs(algo, loss_ratio):
     torch.manual_seed(0)

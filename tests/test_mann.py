@@ -190,6 +190,7 @@ def bound_sequences(batch, way, instances, side, g):
     )
 
 
+@pytest.mark.slow
 def test_mann_learns_to_bind_labels_second_instance_beats_first():
     """Before training every instance is at chance; after, the 2nd presentation of a class
     is answered far better than the 1st (which can only be guessed)."""
@@ -217,6 +218,7 @@ def test_mann_learns_to_bind_labels_second_instance_beats_first():
     assert second > first + 0.05 and fourth > 0.65, (first, second, fourth)
 
 
+@pytest.mark.slow
 def test_cli_trains_mann_and_reports_accuracy_by_instance(tmp_path):
     """metarun algo=mann: per-instance accuracy in metrics.jsonl, results.json and the wandb
     summary (offline), beside the standard 5-way 1-shot test accuracy."""
@@ -287,6 +289,7 @@ def test_mann_takes_a_convolutional_embedding():
         assert m.eval().predict(ep.support_x, ep.support_y, ep.query_x, 3).shape == (2, 6, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not any(shutil.which(c) for c in ("g++", "clang++", "c++")),
     reason="torch.compile on the CPU needs a C++ compiler",

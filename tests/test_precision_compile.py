@@ -38,6 +38,7 @@ def episodes():
     return EpisodeSampler(synthetic("train"), 5, 1, 2, seed=0).sample(2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("name", LEARNERS)
 def test_every_learner_takes_a_mixed_precision_step_or_says_why_not(name, amp):
@@ -73,6 +74,7 @@ def test_compile_is_refused_for_learners_with_an_inner_loop(name):
         small_learner(name).compile_network()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not any(shutil.which(c) for c in ("g++", "clang++", "c++")),
     reason="torch.compile on the CPU needs a C++ compiler",

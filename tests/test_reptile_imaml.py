@@ -186,6 +186,7 @@ def test_bad_settings_fail_clearly(cls, kw, match):
         cls(tiny(), way=2, **kw)
 
 
+@pytest.mark.slow
 def test_imaml_learns_on_synthetic_glyphs():
     from metarun.algorithms import conv4
 
@@ -200,6 +201,7 @@ def test_imaml_learns_on_synthetic_glyphs():
     assert after["acc"] - after["ci95"] > before["acc"] + before["ci95"], (before, after)
 
 
+@pytest.mark.slow
 def test_reptile_learns_on_synthetic_glyphs():
     """As in the paper's Omniglot runs, training tasks carry more shots (5) than the 1-shot
     test; without them, 1-shot training tasks moved Reptile too little to show here."""

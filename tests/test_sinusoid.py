@@ -92,6 +92,7 @@ LEARNERS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LEARNERS))
 def test_each_optimization_learner_learns_sinusoids(name):
     make, lr, loss_ratio = LEARNERS[name]
@@ -129,6 +130,7 @@ def test_cli_trains_on_sinusoid_and_reports_mse(tmp_path):
     assert results["best_val_mse"] == min(r["val_mse"] for r in rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides, match",
     [

@@ -59,6 +59,7 @@ def weights(path: Path) -> dict:
     return torch.load(path, weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_the_printed_command_resumes_exactly(tmp_path):
     run = tmp_path / "run"
     proc = start(*STEPS, f"hydra.run.dir={run}", cwd=tmp_path)
@@ -150,6 +151,7 @@ def test_a_nan_loss_stops_with_the_last_good_weights_saved(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
+@pytest.mark.slow
 def test_nan_policy_skip_skips_bad_updates_and_finishes(tmp_path):
     run = tmp_path / "run"
     run_cli(*DIVERGING, "trainer.nan_policy=skip", f"hydra.run.dir={run}", cwd=tmp_path)
@@ -162,6 +164,7 @@ def test_nan_policy_skip_skips_bad_updates_and_finishes(tmp_path):
     assert json.loads((run / "results.json").read_text())["best_step"] is None
 
 
+@pytest.mark.slow
 def test_keep_last_keeps_the_newest_step_files_and_last_pt_is_the_newest(tmp_path):
     run = tmp_path / "run"
     run_cli(
@@ -181,6 +184,7 @@ def test_keep_last_keeps_the_newest_step_files_and_last_pt_is_the_newest(tmp_pat
     assert torch.load(ckpts / "last.pt", weights_only=False)["step"] == 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -193,6 +197,7 @@ def test_bad_stopping_settings_are_refused(tmp_path, override, message):
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow
 def test_a_requeued_submitit_job_continues_from_its_own_checkpoint(tmp_path):
     """submitit restarts a pre-empted job with the same overrides in the same folder; there
     metarun resumes from that folder's last.pt without resume= (only under submitit)."""
@@ -344,6 +349,7 @@ def test_non_finite_weights_never_reach_a_checkpoint(tmp_path):
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 3
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_final_test_stops_cleanly_and_the_command_finishes_it(tmp_path):
     """Training is over when the test starts: a signal there stops at once with status 143,
     a message (no traceback) and the command that runs the test; that command does not

@@ -52,6 +52,7 @@ def test_summary_reads_regression_results_and_jobs_without_results(tmp_path):
     assert "MSE 0.2500 ± 0.0200" in md.read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "launcher",
     [

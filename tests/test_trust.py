@@ -159,6 +159,7 @@ def test_a_resume_refusal_lists_every_difference_and_steps_may_only_grow():
         check_compatible(compose_with(*TINY, "trainer.steps=2"), cfg, "ckpt.pt", step=3)
 
 
+@pytest.mark.slow
 def test_a_refused_resume_keeps_the_checkpoints_and_results(a_run, tmp_path):
     before = contents(a_run)
     proc = run_cli(
@@ -224,6 +225,7 @@ def poison(path: Path, marker: Path) -> None:
     torch.save(state, path)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_built_to_run_code_runs_nothing_in_any_mode(a_run, tmp_path):
     marker = tmp_path / "PWNED"
     for name in ("last.pt", "best.pt"):
@@ -332,6 +334,7 @@ def test_results_that_cannot_be_written_keep_the_checkpoints_and_say_how_to_test
     assert checkpoint.load(run / "checkpoints" / "last.pt")["step"] == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["paths.output_root={file}", "hydra.run.dir={file}/run"])
 def test_a_file_where_the_run_folder_should_be_is_named_with_the_fix(tmp_path, where):
     file = tmp_path / "not-a-folder"

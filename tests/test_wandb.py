@@ -8,6 +8,7 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
 from conftest import FAST, run_cli
 
 BLOCK = 32768  # the .wandb file is a LevelDB-style log of 32 KiB blocks
@@ -95,6 +96,7 @@ def test_offline_wandb_run_holds_config_metrics_and_test_accuracy(tmp_path):
     assert json.loads(artifact.metadata)["test_acc"] == results["test_acc"]
 
 
+@pytest.mark.slow
 def test_a_sweeps_runs_share_a_group_and_carry_algo_data_shape_tags(tmp_path):
     sweep = tmp_path / "sweeps" / "s1"
     run_cli(
