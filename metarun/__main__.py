@@ -14,7 +14,18 @@ def _starting(signum, frame):
     sys.exit(128 + signum)
 
 
+SUBCOMMANDS = {
+    "report": "metarun.runners.report",  # metarun report FOLDER... [--out DIR]
+    "sync": "metarun.runners.sync",  # metarun sync SWEEP_OR_RUN_FOLDER...
+}
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        import importlib
+
+        importlib.import_module(SUBCOMMANDS[sys.argv[1]]).main(sys.argv[2:])
+        return
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _starting)
     from metarun.runners.cli import main as cli_main

@@ -26,9 +26,17 @@ from metarun.runners import checkpoint, distributed, rundir
 from metarun.runners.build import build_store, configure_tf32, resolve_device
 from metarun.runners.evaluate import evaluate
 from metarun.runners.files import os_error, write_text_atomic
+from metarun.runners.logging import RunLogger
 from metarun.runners.stopping import Interrupted, stop_signals
 from metarun.runners.sweep import CONTINUED_FILE, ERROR_FILE
-from metarun.runners.trainer import Trainer, eval_episodes, results_record, write_results
+from metarun.runners.trainer import (
+    Trainer,
+    dashboard_summary,
+    eval_episodes,
+    results_record,
+    write_episode_scores,
+    write_results,
+)
 from metarun.runners.validate import validate
 
 log = logging.getLogger("metarun")
@@ -128,6 +136,8 @@ def test(cfg: DictConfig, run_dir: Path) -> dict:
             )
         target = f"eval.{key}" if key in ("way", "shot", "query") else key
         OmegaConf.update(stored, target, OmegaConf.select(cfg, key), merge=False)
+        if target.startswith("eval.") and stored.get("paper") is not None:
+            stored.paper = None  # the paper's figure is for the preset's own test setting
     validate(OmegaConf.merge(stored, {"mode": "test", "ckpt": cfg.ckpt}))
     device = resolve_device(stored.device)
     learner = checkpoint.load_learner(state, device=device)
@@ -141,8 +151,26 @@ def test(cfg: DictConfig, run_dir: Path) -> dict:
         steps=state["step"],
         ckpt=state["path"],
         **learner.test_report(episodes, stored.eval.batch),
+        test_episodes=write_episode_scores(run_dir, stored, result),
     )
     write_results(run_dir, results)
+    # on the dashboard: a `test` run in the training run's group, naming the training run
+    stored.logger = cfg.logger
+    logger = RunLogger(
+        run_dir,
+        stored,
+        job_type="test",
+        extra_config={
+            "group": state.get("wandb_group"),
+            "train_run_id": state.get("wandb_id"),
+            "ckpt": str(state["path"]),
+        },
+    )
+    try:
+        logger.episode_table(result["metric"], result["scores"])
+        logger.summary(dashboard_summary(results, result["metric"]))
+    finally:
+        logger.finish()
     return results
 
 
@@ -155,6 +183,14 @@ def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:
     out = run_dir / "predictions.csv"
     rows = predict_folder(learner, cfg.support, cfg.query, out)
     print_predictions(rows, out)
+    if cfg.logger.get("name") == "wandb":
+        stored = OmegaConf.merge(learner.config, {"logger": cfg.logger, "mode": "predict"})
+        logger = RunLogger(run_dir, stored, job_type="predict", extra_config={"ckpt": cfg.ckpt})
+        try:
+            columns = list(rows[0]) if rows else ["query", "predicted", "score"]
+            logger.table("predictions", columns, [[r[c] for c in columns] for r in rows])
+        finally:
+            logger.finish()
     return rows
 
 

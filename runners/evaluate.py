@@ -31,6 +31,7 @@ def evaluate(learner: MetaLearner, episodes: FixedEpisodes, batch_size: int | No
 
     Classification: {"metric": "acc", "acc": mean accuracy in [0, 1], ...}.
     Regression: {"metric": "mse", "mse": mean squared error after adaptation, ...}.
+    "scores" holds each episode's score, in the order of the fixed episodes.
     batch_size: episodes per forward pass; None picks one from the device and
     the episode size (the result does not depend on it).
     """
@@ -46,7 +47,13 @@ def evaluate(learner: MetaLearner, episodes: FixedEpisodes, batch_size: int | No
     per_episode = torch.cat(scores).cpu()
     mean, ci = mean_ci95(per_episode)
     metric = metric_name(batch.query_y)
-    return {"metric": metric, metric: mean, "ci95": ci, "episodes": len(per_episode)}
+    return {
+        "metric": metric,
+        metric: mean,
+        "ci95": ci,
+        "episodes": len(per_episode),
+        "scores": per_episode.double().tolist(),  # each episode's, in the episodes' order
+    }
 
 
 def higher_is_better(result: dict) -> float:

@@ -20,7 +20,19 @@ from omegaconf import DictConfig
 
 log = logging.getLogger("metarun")
 
-COLUMNS = ("job", "overrides", "test", "ci95", "metric", "steps", "seconds", "status", "error")
+COLUMNS = (
+    "job",
+    "overrides",
+    "test",
+    "ci95",
+    "metric",
+    "paper",
+    "paper_ci95",
+    "steps",
+    "seconds",
+    "status",
+    "error",
+)
 ERROR_FILE = "error.txt"
 # in a job folder: the earlier run this job continued (resume=), which holds its results
 CONTINUED_FILE = "continued.txt"
@@ -40,7 +52,10 @@ def job_rows(sweep_dir: Path) -> list[dict]:
         if results.exists():
             r = json.loads(results.read_text())
             metric = "mse" if "test_mse" in r else "acc"
+            paper = r.get("paper") if isinstance(r.get("paper"), dict) else {}
             row.update(
+                paper=paper.get(metric, ""),
+                paper_ci95=paper.get("ci95") if paper.get("ci95") is not None else "",
                 test=r[f"test_{metric}"],
                 ci95=r["ci95"],
                 metric=metric,
@@ -75,6 +90,16 @@ def test_cell(row: dict) -> str:
     return f"{100 * row['test']:.2f}% ± {100 * row['ci95']:.2f}%"
 
 
+def paper_cell(row: dict) -> str:
+    """The published figure of a preset that follows a paper."""
+    if row.get("paper") in ("", None):
+        return ""
+    value, ci = row["paper"], row.get("paper_ci95")
+    if row["metric"] == "mse":
+        return f"MSE {value:.4f}" + (f" ± {ci:.4f}" if ci not in ("", None) else "")
+    return f"{100 * value:.2f}%" + (f" ± {100 * ci:.2f}%" if ci not in ("", None) else "")
+
+
 def seconds_cell(row: dict) -> str:
     return f"{row['seconds']:.0f} s" if isinstance(row["seconds"], int | float) else ""
 
@@ -94,14 +119,14 @@ def write_summary(sweep_dir: Path, rows: list[dict]) -> tuple[Path, Path]:
         writer.writeheader()
         writer.writerows({**r, "overrides": " ".join(r["overrides"])} for r in rows)
     lines = [
-        "| job | overrides | test (95% CI) | steps | time | status |",
-        "|---|---|---|---|---|---|",
+        "| job | overrides | test (95% CI) | paper | steps | time | status |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r, overrides in zip(rows, swept(rows)):
         status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
         status = status.replace("|", "\\|").replace("\n", " ")
         lines.append(
-            f"| {r['job']} | `{overrides}` | {test_cell(r)} | {r['steps']} | "
+            f"| {r['job']} | `{overrides}` | {test_cell(r)} | {paper_cell(r)} | {r['steps']} | "
             f"{seconds_cell(r)} | {status} |"
         )
     md_path.write_text("\n".join(lines) + "\n")
@@ -113,12 +138,65 @@ def print_summary(rows: list[dict], sweep_dir: Path) -> None:
     from rich.table import Table
 
     table = Table(title=f"metarun sweep: {sweep_dir}")
-    for name in ("job", "overrides", "test (95% CI)", "steps", "time", "status"):
+    papers = any(r.get("paper") not in ("", None) for r in rows)
+    names = ("job", "overrides", "test (95% CI)") + (("paper",) if papers else ())
+    for name in names + ("steps", "time", "status"):
         table.add_column(name)
     for r, overrides in zip(rows, swept(rows)):
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r['error']}".rstrip(": ")
-        table.add_row(r["job"], overrides, test_cell(r), str(r["steps"]), seconds_cell(r), status)
+        paper = (paper_cell(r),) if papers else ()
+        table.add_row(
+            r["job"], overrides, test_cell(r), *paper, str(r["steps"]), seconds_cell(r), status
+        )
     Console(file=sys.stdout, width=160).print(table)
+
+
+def write_report(sweep_dir: Path) -> dict[str, Path]:
+    """report.html, report.md and the figures (runners/report.py); a report that cannot be
+    written is named, and the sweep's results stand."""
+    from metarun.runners.report import write_report as report
+
+    try:
+        written = report([sweep_dir], sweep_dir)
+    except Exception as err:  # noqa: BLE001 - the jobs' results are written already
+        print(f"metarun: the sweep's report could not be written: {err}", file=sys.stderr)
+        return {}
+    print(f"report: {written['html']}")
+    return written
+
+
+def summary_run(config: DictConfig, sweep_dir: Path, rows: list[dict], report: dict) -> None:
+    """wandb: one `summary` run in the sweep's group with the table and the report's figures."""
+    logger_cfg = config.get("logger") or {}
+    if logger_cfg.get("name") != "wandb":
+        return
+    import wandb
+
+    from metarun.runners.logging import wandb_mode
+
+    group = logger_cfg.get("group") or f"{sweep_dir.parent.name}_{sweep_dir.name}"
+    run = wandb.init(
+        project=logger_cfg.get("project"),
+        entity=logger_cfg.get("entity"),
+        group=group,
+        name=f"summary-{group}",
+        job_type="summary",
+        tags=list(logger_cfg.get("tags") or []),
+        dir=str(sweep_dir),
+        mode=wandb_mode(logger_cfg),
+        config={"sweep_dir": str(sweep_dir), "jobs": len(rows)},
+    )
+    try:
+        columns = [c for c in COLUMNS if c != "error"] + ["error"]
+        table = [[" ".join(r[c]) if c == "overrides" else r[c] for c in columns] for r in rows]
+        figures = {
+            f"report/{name}": wandb.Image(str(path))
+            for name, path in report.items()
+            if str(path).endswith(".png")
+        }
+        run.log({"summary": wandb.Table(columns=columns, data=table), **figures})
+    finally:
+        run.finish()
 
 
 class SweepSummary(Callback):
@@ -133,6 +211,11 @@ class SweepSummary(Callback):
         print_summary(rows, sweep_dir)
         failed = [r["job"] for r in rows if r["status"] != "ok"]
         log.info("sweep summary -> %s, %s", csv_path, md_path)
+        report = write_report(sweep_dir)
+        try:
+            summary_run(config, sweep_dir, rows, report)
+        except Exception as err:  # noqa: BLE001 - the jobs' results are written already
+            print(f"metarun: the sweep's wandb summary run failed: {err}", file=sys.stderr)
         if failed:
             print(
                 f"metarun: {len(failed)} of {len(rows)} jobs failed (jobs {', '.join(failed)}); "

@@ -41,6 +41,7 @@ RESUME_MAY_CHANGE = (
     "ckpt",
     "support",
     "trust_checkpoint",
+    "paper",
     "paths",
     "logger",
     "device",
@@ -93,6 +94,8 @@ class Trainer:
         self.parallel = distributed.launched()
         self.main = distributed.is_main()
         self.tasks = distributed.local_tasks(tc.meta_batch) if self.parallel else None
+        self.show_episode = None  # the logger to show the first training episode to
+        self.wandb_id = self.wandb_group = None
         if self.parallel:
             self.learner.grad_sync = distributed.average_gradients
             distributed.broadcast_state(self.learner)
@@ -121,6 +124,7 @@ class Trainer:
             "best_step": self.best_step,
             "elapsed": self.elapsed,
             "wandb_id": self.wandb_id,
+            "wandb_group": self.wandb_group,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
 
@@ -148,6 +152,7 @@ class Trainer:
             state["best_step"],
         )
         self.elapsed, self.wandb_id = state["elapsed"], state.get("wandb_id")
+        self.wandb_group = state.get("wandb_group")
         self.learner.skipped_updates = state.get("skipped_updates", 0)
         self.pending = bool(state.get("pending", False))
         log.info("resumed from %s at step %d", state["path"], self.step)
@@ -190,7 +195,8 @@ class Trainer:
             if self.main
             else NullLogger()
         )
-        self.wandb_id = logger.wandb_id
+        self.wandb_id, self.wandb_group = logger.wandb_id, logger.wandb_group
+        self.show_episode = logger if logger.wants_media and self.step == 0 else None
         progress = Progress(
             self.cfg.trainer.steps, start=self.step, enabled=None if self.main else False
         )
@@ -229,6 +235,9 @@ class Trainer:
             episodes = self.sampler.sample(self.cfg.trainer.meta_batch)
             if self.tasks is not None:
                 episodes = episodes[self.tasks]
+            if self.show_episode is not None:  # once, the run's first episode
+                self.show_episode.episode_image(episodes, self.episode_caption())
+                self.show_episode = None
             try:
                 metrics = self.learner.meta_train_step(episodes)
             except NonFiniteLoss as err:  # the weights are those before this step
@@ -249,6 +258,14 @@ class Trainer:
             signals.end_commit()
         except Interrupted as stop:  # arrived during the update: stop right after it
             self.stop_now(stop, window, pending=True)
+
+    def episode_caption(self) -> str:
+        c = self.cfg
+        augment = c.data.get("augment") or "none"
+        return (
+            f"the first training task ({c.way}-way {c.shot}-shot, data={c.data.name}, "
+            f"augment={augment}): one row per class, support | query, as the learner sees it"
+        )
 
     def bookkeeping(self, window: list, logger, signals) -> dict | None:
         """after_step, which a second signal may cut short: then last.pt holds this step
@@ -420,6 +437,13 @@ class Trainer:
         self.learner.load_state_dict(checkpoint.load(path, trust=self.trust)["model"])
         result = evaluate(self.learner, self.test_episodes, self.cfg.eval.batch)
         metric = result["metric"]
+        try:
+            episodes = write_episode_scores(self.run_dir, self.cfg, result)
+        except FileSystemError as err:
+            raise FileSystemError(
+                f"{err}. Training is complete and its checkpoints are kept; once that is "
+                f"fixed, test again with: metarun mode=test ckpt={path}"
+            ) from err
         results = results_record(
             self.cfg,
             result,
@@ -428,6 +452,7 @@ class Trainer:
             best_step=self.best_step,
             **{f"best_val_{metric}": self.best_val if metric == "acc" else -self.best_val},
             **self.learner.test_report(self.test_episodes, self.cfg.eval.batch),
+            test_episodes=episodes,
         )
         try:
             write_results(self.run_dir, results)
@@ -439,12 +464,28 @@ class Trainer:
         summary = {f"test_{metric}": results[f"test_{metric}"], "ci95": results["ci95"]}
         for k, acc in results.get("instance_acc", {}).items():  # MANN: accuracy by instance
             summary[f"test_acc_inst{k}"] = acc
-        logger.summary(summary)
+        logger.episode_table(metric, result["scores"])
+        logger.summary(dashboard_summary(results, metric))
         if self.cfg.logger.get("log_checkpoint"):
             logger.log_checkpoint(
                 path, self.best_step or self.step, {"step": self.best_step, **summary}
             )
         return results
+
+
+def dashboard_summary(results: dict, metric: str) -> dict:
+    """The run's summary on the dashboard: the test score and its interval, the best
+    validation score and its step (not the last ones), MANN's accuracy by instance."""
+    out = {f"test/{metric}": results[f"test_{metric}"], "test/ci95": results["ci95"]}
+    out["test/n_episodes"] = results["episodes"]
+    if results.get(f"best_val_{metric}") is not None:
+        out[f"val/best_{metric}"] = results[f"best_val_{metric}"]
+        out["val/best_step"] = results.get("best_step")
+    for k, acc in results.get("instance_acc", {}).items():
+        out[f"test/acc_inst{k}"] = acc
+    if isinstance(results.get("paper"), dict) and results["paper"].get(metric) is not None:
+        out[f"paper/{metric}"] = results["paper"][metric]
+    return out
 
 
 def finite(learner) -> bool:
@@ -553,8 +594,39 @@ def may_change(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
 
 
+EPISODES_FILE = "test_episodes.csv"
+# data settings that say where the data is, or change training images only: not part of
+# what defines the test episodes
+NOT_EPISODE_DEFINING = ("root", "download", "augment")
+
+
+def episode_set(cfg: DictConfig, n: int) -> dict:
+    """What defines the fixed test episodes: two runs with equal sets were scored on the
+    same episodes (metarun report pairs them)."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return {
+        "data": cfg.data.name,
+        "split": "test",
+        "way": cfg.eval.way,
+        "shot": cfg.eval.shot,
+        "query": cfg.eval.query,
+        "seed": cfg.eval.seed,
+        "episodes": n,
+        "data_settings": {k: v for k, v in data.items() if k not in NOT_EPISODE_DEFINING},
+    }
+
+
+def write_episode_scores(run_dir: Path, cfg: DictConfig, result: dict) -> dict:
+    """test_episodes.csv: each fixed test episode's score; returns results.json's entry."""
+    metric = result["metric"]
+    lines = [f"episode,{metric}"] + [f"{i},{s!r}" for i, s in enumerate(result["scores"])]
+    write_text_atomic(Path(run_dir) / EPISODES_FILE, "\n".join(lines) + "\n", "test episodes")
+    return {"file": EPISODES_FILE, "set": episode_set(cfg, len(result["scores"]))}
+
+
 def results_record(cfg: DictConfig, result: dict, **extra) -> dict:
     metric = result["metric"]
+    paper = OmegaConf.to_container(cfg.paper) if cfg.get("paper") is not None else None
     return {
         f"test_{metric}": result[metric],
         "ci95": result["ci95"],
@@ -564,6 +636,7 @@ def results_record(cfg: DictConfig, result: dict, **extra) -> dict:
         "query": cfg.eval.query,
         "algo": cfg.algo.name,
         "data": cfg.data.name,
+        **({"paper": paper} if paper else {}),
         **extra,
     }
 

@@ -97,6 +97,19 @@ def anything(key, value):
     return None
 
 
+def paper_figure(key, value):
+    """A preset's published number: {acc or mse, ci95 (optional), citation}."""
+    if value is None:
+        return None
+    known = {"acc", "mse", "ci95", "citation"}
+    if not isinstance(value, dict) or not set(value) <= known or not ({"acc", "mse"} & set(value)):
+        return f"{key} must be a mapping with acc or mse, and optionally ci95 and citation; got {value!r}"
+    for name in ("acc", "mse", "ci95"):
+        if name in value and value[name] is not None and not finite_number(value[name]):
+            return f"{key}.{name} must be a finite number, got {value[name]!r}"
+    return None
+
+
 # The top-level knobs (conf/config.yaml). way/shot/query of mode=predict are folders.
 KNOBS: dict[str, Check] = {
     "mode": choice(*MODES),
@@ -110,6 +123,7 @@ KNOBS: dict[str, Check] = {
     "resume": text(optional=True),
     "trust_checkpoint": boolean,
     "support": text(optional=True),
+    "paper": paper_figure,
     "trainer.steps": integer(1),
     "trainer.meta_batch": integer(1),
     "trainer.lr": number(0, lo_open=True),

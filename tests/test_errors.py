@@ -72,6 +72,7 @@ def test_missing_omniglot_files_name_the_files_the_folder_and_the_url(tmp_path):
     assert "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/" in stderr
 
 
+@pytest.mark.slow
 def test_corrupt_archive_is_named(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
@@ -81,6 +82,7 @@ def test_corrupt_archive_is_named(tmp_path):
     assert "images_background_small1.zip is corrupt" in stderr
 
 
+@pytest.mark.slow
 def test_missing_or_corrupt_checkpoint(tmp_path):
     assert "does not exist" in fails(tmp_path, "mode=test", f"ckpt={tmp_path / 'nope.pt'}")
     bad = tmp_path / "bad.pt"
@@ -90,6 +92,7 @@ def test_missing_or_corrupt_checkpoint(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused_and_keeps_the_checkpoint(trained_run, tmp_path):
     last = trained_run / "checkpoints" / "last.pt"
     before = last.read_bytes()
@@ -98,6 +101,7 @@ def test_resume_with_other_settings_is_refused_and_keeps_the_checkpoint(trained_
     assert last.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_tf32_must_be_a_boolean(tmp_path):
     assert "tf32 must be true or false, got 'maybe'; use tf32=true or tf32=false" in fails(
         tmp_path, "tf32=maybe"

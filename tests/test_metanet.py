@@ -108,6 +108,7 @@ def test_bad_settings_are_refused():
         small(repr_weight=-1.0)
 
 
+@pytest.mark.slow
 def test_meta_networks_learn_on_synthetic_glyphs():
     torch.manual_seed(0)
     learner = MetaNet(conv4(hidden=16), way=5)

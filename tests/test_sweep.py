@@ -83,6 +83,7 @@ def test_slurm_preset_composes_with_one_gpu_per_job(tmp_path):
     assert launcher["timeout_min"] == 1440
 
 
+@pytest.mark.slow
 def test_optuna_sweep_maximizes_validation_accuracy_returned_by_each_job(tmp_path):
     sweep = tmp_path / "sweep"
     run_cli(
@@ -102,3 +103,29 @@ def test_optuna_sweep_maximizes_validation_accuracy_returned_by_each_job(tmp_pat
     assert set(found["best_params"]) == {"algo.inner_lr", "algo.inner_steps", "trainer.lr"}
     rows = list(csv.DictReader(open(sweep / "summary.csv")))
     assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+def test_an_optuna_study_persists_and_a_second_search_adds_to_it(tmp_path):
+    """A search of 2 trials, then 2 more in the same study (its SQLite file in the first
+    sweep's folder); the second sweep's report shows all 4 and the importance figure."""
+    import optuna
+
+    search = ["-m", "hparams_search=maml_optuna", "hydra.sweeper.n_trials=2", *QUICK]
+    search += ["trainer.steps=2", "trainer.val_every=2", "trainer.val_episodes=4"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_cli(*search, f"hydra.sweep.dir={first}", cwd=tmp_path)
+    storage = f"sqlite:///{first / 'optuna.db'}"
+    assert len(optuna.load_study(study_name="maml", storage=storage).trials) == 2
+    run_cli(*search, f"hydra.sweep.dir={second}", f"hydra.sweeper.storage={storage}", cwd=tmp_path)
+    study = optuna.load_study(study_name="maml", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    values = [
+        json.loads((d / j / "results.json").read_text())["best_val_acc"]
+        for d in (first, second)
+        for j in "01"
+    ]
+    assert sorted(t.value for t in study.trials) == sorted(values)
+    md = (second / "report.md").read_text()
+    assert "Optuna study 'maml': 4 trials" in md
+    for name in ("optuna_history", "optuna_importance"):
+        assert (second / f"{name}.png").stat().st_size > 1000 and f"({name}.png)" in md
