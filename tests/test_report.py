@@ -189,3 +189,32 @@ def test_the_issues_sweep_two_learners_two_seeds_200_steps(tmp_path):
     for name in ("curves", "test", "seeds", "paired"):
         with Image.open(sweep / f"{name}.png") as image:
             image.load()
+
+
+def test_regression_runs_are_reported_in_mse(tmp_path):
+    sweep = tmp_path / "sweep"
+    rng = np.random.default_rng(1)
+    for job, lr in enumerate(("0.001", "0.01")):
+        folder = sweep / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(f"- trainer.lr={lr}\n")
+        mse = rng.random(30)
+        (folder / "test_episodes.csv").write_text(
+            "episode,mse\n" + "".join(f"{i},{float(v)!r}\n" for i, v in enumerate(mse))
+        )
+        results = {
+            "test_mse": float(mse.mean()),
+            "ci95": 0.1,
+            "episodes": 30,
+            "test_episodes": {"file": "test_episodes.csv", "set": {"data": "sinusoid"}},
+        }
+        (folder / "results.json").write_text(json.dumps(results))
+        rows = [
+            {"step": s, "loss": 1.0, "mse": 1.0 / s, "val_mse": 0.5, "val_ci95": 0.1}
+            for s in (1, 2)
+        ]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    written = write_report([sweep])
+    md = written["md"].read_text()
+    first = json.loads((sweep / "0" / "results.json").read_text())
+    assert f"MSE {first['test_mse']:.4f} ± 0.1000" in md and "paired.png" in md
