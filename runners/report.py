@@ -33,12 +33,11 @@ import numpy as np
 import yaml
 
 from metarun.data.errors import ConfigError, MetarunError
+from metarun.runners.sweep import ERROR_FILE, results_folder
 
 RESULTS_FILE = "results.json"
 EPISODES_FILE = "test_episodes.csv"
 METRICS_FILE = "metrics.jsonl"
-ERROR_FILE = "error.txt"
-CONTINUED_FILE = "continued.txt"
 STUDY_FILE = "optuna.db"
 
 
@@ -106,16 +105,6 @@ def read_overrides(folder: Path) -> list[str]:
         return []
     items = yaml.safe_load(path.read_text()) or []
     return [o for o in items if not o.startswith("hydra.")]
-
-
-def results_folder(job: Path) -> Path:
-    """Where a job's results are: its folder, or the earlier run it continued."""
-    pointer = job / CONTINUED_FILE
-    if pointer.is_file():
-        run = Path(pointer.read_text().strip())
-        if run.is_dir():
-            return run
-    return job
 
 
 def read_scores(folder: Path, results: dict) -> tuple[np.ndarray | None, dict | None]:
