@@ -24,6 +24,14 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 NAN_POLICIES = ("stop", "skip", "off")
 
 
+def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and half-width of the normal 95% interval: 1.96 * std / sqrt(n)."""
+    values = values.double()
+    n = len(values)
+    std = float(values.std(unbiased=True)) if n > 1 else 0.0
+    return float(values.mean()), 1.96 * std / math.sqrt(n)
+
+
 class NonFiniteLoss(FloatingPointError):
     """A NaN or inf loss or gradient before an outer update (trainer.nan_policy=stop)."""
 
@@ -103,6 +111,10 @@ class MetaLearner(nn.Module):
     def test_report(self, episodes, batch_size: int | None = None) -> dict:
         """Extra figures for results.json after the standard test (e.g. MANN's accuracy by
         instance); none by default."""
+        return {}
+
+    def test_summary(self, report: dict) -> dict:
+        """The dashboard's summary entries for test_report's figures ("test/..." keys)."""
         return {}
 
     # -- shared machinery ---------------------------------------------------

@@ -58,7 +58,7 @@ from torch import nn
 from metarun.data.errors import ConfigError
 from metarun.data.params import PositiveFloat, PositiveInt, Probability
 
-from .base import MetaLearner, feature_shape, infer_way, positive_ints
+from .base import MetaLearner, feature_shape, infer_way, mean_ci95, positive_ints
 
 LABELS = ("onehot", "string")
 OPTIMIZERS = ("adam", "rmsprop")
@@ -448,8 +448,6 @@ class MANN(MetaLearner):
         """Accuracy by instance on the fixed test episodes, each presented as one labelled
         sequence (support and query images in a fixed shuffled order), as in the paper's
         Table 1: {"instance_acc": {"1": mean, ...}, "instance_ci95": {...}}."""
-        from metarun.runners.evaluate import mean_ci95
-
         was_training = self.training
         self.eval()
         gen = torch.Generator().manual_seed(1)
@@ -472,6 +470,9 @@ class MANN(MetaLearner):
         for k, values in per_k.items():
             acc[str(k)], ci[str(k)] = mean_ci95(torch.cat(values).cpu())
         return {"instance_acc": acc, "instance_ci95": ci}
+
+    def test_summary(self, report: dict) -> dict:
+        return {f"test/acc_inst{k}": acc for k, acc in report.get("instance_acc", {}).items()}
 
 
 def shuffled(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):

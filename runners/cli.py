@@ -24,19 +24,12 @@ from omegaconf import DictConfig, OmegaConf
 from metarun.data.errors import ConfigError, MetarunError, StoppedError
 from metarun.runners import checkpoint, distributed, rundir
 from metarun.runners.build import build_store, configure_tf32, resolve_device
-from metarun.runners.evaluate import evaluate
 from metarun.runners.files import os_error, write_text_atomic
 from metarun.runners.logging import RunLogger
+from metarun.runners.results import score
 from metarun.runners.stopping import Interrupted, stop_signals
 from metarun.runners.sweep import CONTINUED_FILE, ERROR_FILE
-from metarun.runners.trainer import (
-    Trainer,
-    dashboard_summary,
-    eval_episodes,
-    results_record,
-    write_episode_scores,
-    write_results,
-)
+from metarun.runners.trainer import Trainer, eval_episodes
 from metarun.runners.validate import validate
 
 log = logging.getLogger("metarun")
@@ -144,16 +137,6 @@ def test(cfg: DictConfig, run_dir: Path) -> dict:
     episodes = eval_episodes(
         stored, build_store(stored.data, "test"), stored.eval.episodes, device, "test"
     )
-    result = evaluate(learner, episodes, stored.eval.batch)
-    results = results_record(
-        stored,
-        result,
-        steps=state["step"],
-        ckpt=state["path"],
-        **learner.test_report(episodes, stored.eval.batch),
-        test_episodes=write_episode_scores(run_dir, stored, result),
-    )
-    write_results(run_dir, results)
     # on the dashboard: a `test` run in the training run's group, naming the training run
     stored.logger = cfg.logger
     logger = RunLogger(
@@ -167,11 +150,16 @@ def test(cfg: DictConfig, run_dir: Path) -> dict:
         },
     )
     try:
-        logger.episode_table(result["metric"], result["scores"])
-        logger.summary(dashboard_summary(results, result["metric"]))
+        return score(
+            learner,
+            episodes,
+            stored,
+            run_dir,
+            logger,
+            {"steps": state["step"], "ckpt": state["path"]},
+        )
     finally:
         logger.finish()
-    return results
 
 
 def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:

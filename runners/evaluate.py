@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from metarun.algorithms.base import MetaLearner, metric_name, task_scores
+from metarun.algorithms.base import MetaLearner, mean_ci95, metric_name, task_scores
 from metarun.data.episodes import FixedEpisodes
-
-
-def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and half-width of the normal 95% interval: 1.96 * std / sqrt(n)."""
-    values = values.double()
-    n = len(values)
-    std = float(values.std(unbiased=True)) if n > 1 else 0.0
-    return float(values.mean()), 1.96 * std / math.sqrt(n)
 
 
 def auto_batch(episodes: FixedEpisodes) -> int:

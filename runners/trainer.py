@@ -6,7 +6,6 @@ It never branches on the algorithm: every learner is driven through
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shlex
@@ -24,8 +23,9 @@ from metarun.data.errors import CheckpointError, ConfigError, StoppedError
 from metarun.runners import checkpoint, distributed
 from metarun.runners.build import build_learner, build_stores, train_sampler
 from metarun.runners.evaluate import evaluate, higher_is_better
-from metarun.runners.files import FileSystemError, remove_stale_temps, write_text_atomic
+from metarun.runners.files import FileSystemError, remove_stale_temps
 from metarun.runners.logging import NullLogger, Progress, RunLogger
+from metarun.runners.results import score
 from metarun.runners.stopping import Interrupted, stop_signals
 
 log = logging.getLogger("metarun")
@@ -435,57 +435,26 @@ class Trainer:
             log.warning("no finite validation score in this run: testing the last weights")
             path, self.best_step = self.ckpt_dir / "last.pt", None
         self.learner.load_state_dict(checkpoint.load(path, trust=self.trust)["model"])
-        result = evaluate(self.learner, self.test_episodes, self.cfg.eval.batch)
-        metric = result["metric"]
+        metric = "mse" if self.cfg.data.get("task") == "regression" else "acc"
+        extra = {
+            "steps": self.step,
+            "seconds": self.elapsed,
+            "best_step": self.best_step,
+            f"best_val_{metric}": self.best_val if metric == "acc" else -self.best_val,
+        }
         try:
-            episodes = write_episode_scores(self.run_dir, self.cfg, result)
+            results = score(self.learner, self.test_episodes, self.cfg, self.run_dir, logger, extra)
         except FileSystemError as err:
             raise FileSystemError(
                 f"{err}. Training is complete and its checkpoints are kept; once that is "
                 f"fixed, test again with: metarun mode=test ckpt={path}"
             ) from err
-        results = results_record(
-            self.cfg,
-            result,
-            steps=self.step,
-            seconds=self.elapsed,
-            best_step=self.best_step,
-            **{f"best_val_{metric}": self.best_val if metric == "acc" else -self.best_val},
-            **self.learner.test_report(self.test_episodes, self.cfg.eval.batch),
-            test_episodes=episodes,
-        )
-        try:
-            write_results(self.run_dir, results)
-        except FileSystemError as err:
-            raise FileSystemError(
-                f"{err}. Training is complete and its checkpoints are kept; once that is "
-                f"fixed, test again with: metarun mode=test ckpt={path}"
-            ) from err
-        summary = {f"test_{metric}": results[f"test_{metric}"], "ci95": results["ci95"]}
-        for k, acc in results.get("instance_acc", {}).items():  # MANN: accuracy by instance
-            summary[f"test_acc_inst{k}"] = acc
-        logger.episode_table(metric, result["scores"])
-        logger.summary(dashboard_summary(results, metric))
         if self.cfg.logger.get("log_checkpoint"):
+            summary = {f"test_{metric}": results[f"test_{metric}"], "ci95": results["ci95"]}
             logger.log_checkpoint(
                 path, self.best_step or self.step, {"step": self.best_step, **summary}
             )
         return results
-
-
-def dashboard_summary(results: dict, metric: str) -> dict:
-    """The run's summary on the dashboard: the test score and its interval, the best
-    validation score and its step (not the last ones), MANN's accuracy by instance."""
-    out = {f"test/{metric}": results[f"test_{metric}"], "test/ci95": results["ci95"]}
-    out["test/n_episodes"] = results["episodes"]
-    if results.get(f"best_val_{metric}") is not None:
-        out[f"val/best_{metric}"] = results[f"best_val_{metric}"]
-        out["val/best_step"] = results.get("best_step")
-    for k, acc in results.get("instance_acc", {}).items():
-        out[f"test/acc_inst{k}"] = acc
-    if isinstance(results.get("paper"), dict) and results["paper"].get(metric) is not None:
-        out[f"paper/{metric}"] = results["paper"][metric]
-    return out
 
 
 def finite(learner) -> bool:
@@ -592,74 +561,3 @@ def flatten(node: dict, prefix: str = "") -> dict:
 
 def may_change(key: str) -> bool:
     return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
-
-
-EPISODES_FILE = "test_episodes.csv"
-# data settings that say where the data is, or change training images only: not part of
-# what defines the test episodes
-NOT_EPISODE_DEFINING = ("root", "download", "augment")
-
-
-def episode_set(cfg: DictConfig, n: int) -> dict:
-    """What defines the fixed test episodes: two runs with equal sets were scored on the
-    same episodes (metarun report pairs them)."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    return {
-        "data": cfg.data.name,
-        "split": "test",
-        "way": cfg.eval.way,
-        "shot": cfg.eval.shot,
-        "query": cfg.eval.query,
-        "seed": cfg.eval.seed,
-        "episodes": n,
-        "data_settings": {k: v for k, v in data.items() if k not in NOT_EPISODE_DEFINING},
-    }
-
-
-def write_episode_scores(run_dir: Path, cfg: DictConfig, result: dict) -> dict:
-    """test_episodes.csv: each fixed test episode's score; returns results.json's entry."""
-    metric = result["metric"]
-    lines = [f"episode,{metric}"] + [f"{i},{s!r}" for i, s in enumerate(result["scores"])]
-    write_text_atomic(Path(run_dir) / EPISODES_FILE, "\n".join(lines) + "\n", "test episodes")
-    return {"file": EPISODES_FILE, "set": episode_set(cfg, len(result["scores"]))}
-
-
-def results_record(cfg: DictConfig, result: dict, **extra) -> dict:
-    metric = result["metric"]
-    paper = OmegaConf.to_container(cfg.paper) if cfg.get("paper") is not None else None
-    return {
-        f"test_{metric}": result[metric],
-        "ci95": result["ci95"],
-        "episodes": result["episodes"],
-        "way": cfg.eval.way,
-        "shot": cfg.eval.shot,
-        "query": cfg.eval.query,
-        "algo": cfg.algo.name,
-        "data": cfg.data.name,
-        **({"paper": paper} if paper else {}),
-        **extra,
-    }
-
-
-def write_results(run_dir: Path, results: dict) -> None:
-    path = Path(run_dir) / "results.json"
-    write_text_atomic(path, json.dumps(results, indent=2) + "\n", "results file")
-    if "test_mse" in results:
-        log.info(
-            "test MSE %.4f ± %.4f (95%% CI, %d tasks of %d-shot regression) -> %s",
-            results["test_mse"],
-            results["ci95"],
-            results["episodes"],
-            results["shot"],
-            path,
-        )
-        return
-    log.info(
-        "test accuracy %.2f%% ± %.2f%% (95%% CI, %d episodes of %d-way %d-shot) -> %s",
-        100 * results["test_acc"],
-        100 * results["ci95"],
-        results["episodes"],
-        results["way"],
-        results["shot"],
-        path,
-    )

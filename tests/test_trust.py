@@ -327,7 +327,7 @@ def test_results_that_cannot_be_written_keep_the_checkpoints_and_say_how_to_test
             raise files.os_error(err, f"could not write the {what} {path}")
         return real(path, text, what)
 
-    monkeypatch.setattr("metarun.runners.trainer.write_text_atomic", full)
+    monkeypatch.setattr("metarun.runners.results.write_text_atomic", full)
     with pytest.raises(MetarunError, match="the disk is full") as err:
         trainer.fit()
     assert f"metarun mode=test ckpt={run / 'checkpoints' / 'best.pt'}" in str(err.value)
