@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from metarun.data.errors import ConfigError
 from metarun.data.params import NonNegativeFloat, NonNegativeInt, PositiveInt
+from metarun.errors import ConfigError
 
 
 def conv_block(c_in: int, c_out: int, variant: str, pool: bool = True) -> nn.Sequential:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.data.episodes import Episodes
-from metarun.data.errors import ConfigError
+from metarun.errors import ConfigError
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.data.episodes import Episodes
-from metarun.data.errors import ConfigError
 from metarun.data.params import (
     Fraction,
     NonNegativeFloat,
@@ -17,6 +16,7 @@ from metarun.data.params import (
     PositiveFloat,
     PositiveInt,
 )
+from metarun.errors import ConfigError
 
 from .base import MetaLearner, embed_tasks, feature_shape, infer_way, positive_ints
 

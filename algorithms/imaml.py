@@ -9,8 +9,8 @@ from torch import nn
 from torch.func import functional_call
 
 from metarun.data.episodes import Episodes
-from metarun.data.errors import ConfigError
 from metarun.data.params import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from metarun.errors import ConfigError
 
 from .base import HeadLearner, infer_way, metric_name, positive_ints, supervised_loss, task_scores
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metarun.data.errors import ConfigError
 from metarun.data.params import NonNegativeInt, PositiveFloat, PositiveInt
+from metarun.errors import ConfigError
 
 from .base import HeadLearner, infer_way, positive_ints, supervised_loss
 

@@ -8,8 +8,8 @@ from torch import nn
 from torch.func import functional_call
 
 from metarun.data.episodes import Episodes
-from metarun.data.errors import ConfigError
 from metarun.data.params import NonNegativeInt, PositiveFloat, PositiveInt
+from metarun.errors import ConfigError
 
 from . import task_threads
 from .base import HeadLearner, infer_way, metric_name, positive_ints, supervised_loss, task_scores

@@ -55,8 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.data.errors import ConfigError
 from metarun.data.params import PositiveFloat, PositiveInt, Probability
+from metarun.errors import ConfigError
 
 from .base import MetaLearner, feature_shape, infer_way, mean_ci95, positive_ints
 

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.data.errors import ConfigError
 from metarun.data.params import PositiveFloat, PositiveInt
+from metarun.errors import ConfigError
 
 from .base import MetaLearner, embed_tasks, feature_shape, infer_way, positive_ints
 

@@ -50,8 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.data.errors import ConfigError
 from metarun.data.params import NonNegativeFloat, PositiveInt
+from metarun.errors import ConfigError
 
 from .base import (
     MetaLearner,

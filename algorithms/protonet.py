@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.data.errors import ConfigError
+from metarun.errors import ConfigError
 
 from .base import MetaLearner, embed_tasks, infer_way
 

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.data.errors import ConfigError
 from metarun.data.params import NonNegativeInt, PositiveInt
+from metarun.errors import ConfigError
 
 from .base import MetaLearner, embed_tasks, feature_shape, infer_way
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.data.episodes import Episodes
-from metarun.data.errors import ConfigError
+from metarun.errors import ConfigError
 
 from .base import MetaLearner, embed_tasks, feature_shape, infer_way
 

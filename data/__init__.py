@@ -1,7 +1,8 @@
 """Few-shot data: class stores, episode sampling, data sets."""
 
+from metarun.errors import CheckpointError, ConfigError, DataError, MetarunError
+
 from .episodes import Episodes, EpisodeSampler, FixedEpisodes, check_episode_shape
-from .errors import CheckpointError, ConfigError, DataError, MetarunError
 from .images import Preprocess, decode_image
 from .store import ClassStore, cache_dir
 

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metarun.errors import DataError
+
 from . import safe_pickle
 from .download import download_root, fetch
-from .errors import DataError
 from .params import PositiveInt, Rotations
 from .store import ClassStore, cached_store, check_counts, check_split_args, file_stamp, resize
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError, summarise
+from metarun.errors import DataError, summarise
+
 from .images import Preprocess, decode_image, image_folders, is_image
 from .params import PositiveInt, Rotations
 from .store import ClassStore, cached_store, check_split_args, file_stamp, require_root

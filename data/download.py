@@ -12,7 +12,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import DataError
+from metarun.errors import DataError
 
 log = logging.getLogger(__name__)
 

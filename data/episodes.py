@@ -12,8 +12,9 @@ from functools import partial
 
 import torch
 
+from metarun.errors import ConfigError
+
 from .augment import random_affine, random_mirror, random_shift
-from .errors import ConfigError
 from .store import ClassStore, rotate
 
 

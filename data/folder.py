@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, DataError, summarise
+from metarun.errors import ConfigError, DataError, summarise
+
 from .images import Preprocess, decode_image, image_folders, is_image, scan_folder
 from .params import NonNegativeInt, PositiveInt, Rotations
 from .store import SPLITS, ClassStore, cached_store, check_split_args, file_stamp

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError, summarise
+from metarun.errors import DataError, summarise
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from metarun.errors import ConfigError, DataError, summarise
+
 from .download import download_root, fetch
-from .errors import ConfigError, DataError, summarise
 from .images import Preprocess, decode_image, list_folders, list_images
 from .params import NonNegativeInt, PositiveInt, Rotations
 from .store import (

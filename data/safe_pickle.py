@@ -17,7 +17,7 @@ from typing import IO
 
 import numpy as np
 
-from .errors import DataError
+from metarun.errors import DataError
 
 # numpy's private modules moved from numpy.core (1.x) to numpy._core (2.x); files name either
 _CORE = getattr(np, "_core", None) or np.core

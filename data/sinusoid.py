@@ -20,8 +20,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from metarun.errors import ConfigError
+
 from .episodes import Episodes, SeededSampler
-from .errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 # distinct random streams per split, so validation tasks never reappear as test tasks

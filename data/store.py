@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConfigError, DataError, summarise
+from metarun.errors import ConfigError, DataError, summarise
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from .errors import ConfigError
+from metarun.errors import ConfigError
+
 from .params import NonNegativeInt, PositiveInt, Rotations
 from .store import ClassStore, cached_store
 

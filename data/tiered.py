@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from metarun.errors import DataError, summarise
+
 from . import safe_pickle
-from .errors import DataError, summarise
 from .images import Preprocess, decode_image, image_folders
 from .params import PositiveInt, Rotations
 from .store import (

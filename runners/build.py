@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun.algorithms.base import MetaLearner
 from metarun.data.episodes import ImageBatchSampler, episode_sampler
-from metarun.data.errors import ConfigError, MetarunError
 from metarun.data.images import Preprocess
 from metarun.data.store import ClassStore
+from metarun.errors import ConfigError, MetarunError
 
 # keys of a data config that describe the images rather than configure the loader
 DATA_META_KEYS = ("name", "channels", "invert", "augment", "task", "inputs", "input_dim")

@@ -13,7 +13,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from metarun.data.errors import CheckpointError
+from metarun.errors import CheckpointError
 from metarun.runners.build import build_learner, preprocess_of
 from metarun.runners.files import reason_and_fix, temp_name
 

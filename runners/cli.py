@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from metarun.data.errors import ConfigError, MetarunError, StoppedError
+from metarun.errors import ConfigError, MetarunError, StoppedError
 from metarun.runners import checkpoint, distributed, rundir
 from metarun.runners.build import build_store, configure_tf32, resolve_device
 from metarun.runners.files import os_error, write_text_atomic

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from metarun.data.errors import ConfigError
+from metarun.errors import ConfigError
 
 # rank 0 may validate or test while the others wait at the next collective
 TIMEOUT = datetime.timedelta(hours=6)

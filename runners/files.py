@@ -7,7 +7,7 @@ import errno
 import os
 from pathlib import Path
 
-from metarun.data.errors import MetarunError
+from metarun.errors import MetarunError
 
 
 class FileSystemError(MetarunError, OSError):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from metarun.data.errors import ConfigError
 from metarun.data.images import list_folders, list_images, to_float
+from metarun.errors import ConfigError
 
 log = logging.getLogger("metarun")
 

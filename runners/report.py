@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from metarun.data.errors import ConfigError, MetarunError
+from metarun.errors import ConfigError, MetarunError
 from metarun.runners.sweep import ERROR_FILE, results_folder
 
 RESULTS_FILE = "results.json"

@@ -33,7 +33,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from metarun.data.errors import ConfigError, MetarunError
+from metarun.errors import ConfigError, MetarunError
 from metarun.runners import distributed
 from metarun.runners.files import os_error
 

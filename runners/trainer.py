@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarun.algorithms.base import NonFiniteLoss
 from metarun.data.episodes import fixed_episodes
-from metarun.data.errors import CheckpointError, ConfigError, StoppedError
+from metarun.errors import CheckpointError, ConfigError, StoppedError
 from metarun.runners import checkpoint, distributed
 from metarun.runners.build import build_learner, build_stores, train_sampler
 from metarun.runners.evaluate import evaluate, higher_is_better

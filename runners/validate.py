@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metarun.algorithms.base import NAN_POLICIES
-from metarun.data.errors import ConfigError
 from metarun.data.params import Range, finite_number
+from metarun.errors import ConfigError
 from metarun.runners.build import learner_class
 
 MODES = ("train", "test", "predict")

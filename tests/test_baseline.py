@@ -15,9 +15,9 @@ from metarun.algorithms import conv4
 from metarun.algorithms.baseline import Baseline
 from metarun.data import FixedEpisodes
 from metarun.data.episodes import ImageBatchSampler
-from metarun.data.errors import ConfigError
 from metarun.data.store import ClassStore
 from metarun.data.synthetic import synthetic
+from metarun.errors import ConfigError
 from metarun.runners.build import build_stores, train_sampler
 from metarun.runners.evaluate import evaluate
 

@@ -127,7 +127,7 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monke
     temporary file is left behind."""
     import torch
 
-    from metarun.data.errors import CheckpointError
+    from metarun.errors import CheckpointError
     from metarun.runners import checkpoint
 
     path = tmp_path / "checkpoints" / "last.pt"

@@ -11,7 +11,7 @@ from torch.func import functional_call, grad, hessian
 
 from metarun.algorithms import conv4
 from metarun.algorithms.maml import MAML
-from metarun.data.errors import ConfigError
+from metarun.errors import ConfigError
 
 
 def tiny(features=3):

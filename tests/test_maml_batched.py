@@ -13,7 +13,7 @@ from metarun.algorithms import MAML, conv4, task_threads
 from metarun.algorithms.backbones import MeanPool
 from metarun.algorithms.base import BatchStatisticsNorm
 from metarun.data import Episodes
-from metarun.data.errors import ConfigError
+from metarun.errors import ConfigError
 
 
 def batch(b=3, way=3, shot=1, query=2, seed=0, dtype=torch.float64) -> Episodes:

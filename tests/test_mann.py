@@ -15,7 +15,7 @@ from conftest import read_jsonl, run_cli
 from metarun.algorithms.backbones import pixels
 from metarun.algorithms.mann import MANN, MemoryState, instance_numbers, least_used
 from metarun.data import Episodes
-from metarun.data.errors import ConfigError
+from metarun.errors import ConfigError
 
 
 def small(way=3, **kw):

@@ -13,7 +13,7 @@ from torch import nn
 
 from metarun.algorithms import conv4
 from metarun.algorithms.matching import MatchingNet
-from metarun.data.errors import ConfigError
+from metarun.errors import ConfigError
 from metarun.runners.build import build_learner
 
 

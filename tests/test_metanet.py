@@ -10,7 +10,7 @@ from conftest import contract_inputs, learning_run
 
 from metarun.algorithms import conv4
 from metarun.algorithms.metanet import MetaNet
-from metarun.data.errors import ConfigError
+from metarun.errors import ConfigError
 
 
 def small(**kw) -> MetaNet:

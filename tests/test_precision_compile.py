@@ -11,8 +11,8 @@ from conftest import FAST, run_cli
 from test_config import CONF, compose_with
 
 from metarun.data import EpisodeSampler
-from metarun.data.errors import ConfigError
 from metarun.data.synthetic import synthetic
+from metarun.errors import ConfigError
 from metarun.runners.build import build_learner
 
 LEARNERS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))

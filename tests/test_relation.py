@@ -11,7 +11,7 @@ from torch import nn
 
 from metarun.algorithms import conv4
 from metarun.algorithms.relation import RelationNet, class_sums, pair_up
-from metarun.data.errors import ConfigError
+from metarun.errors import ConfigError
 from metarun.runners.build import build_learner
 
 BACKBONES = {

@@ -16,7 +16,7 @@ from metarun.algorithms.imaml import (
 )
 from metarun.algorithms.reptile import Reptile
 from metarun.data import Episodes
-from metarun.data.errors import ConfigError
+from metarun.errors import ConfigError
 
 
 def tiny(features=3):

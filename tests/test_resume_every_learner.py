@@ -13,7 +13,7 @@ import torch
 from test_config import compose_with
 from test_precision_compile import LEARNERS
 
-from metarun.data.errors import StoppedError
+from metarun.errors import StoppedError
 from metarun.runners.trainer import Trainer
 
 SMALL = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metarun.data.errors import ConfigError
+from metarun.errors import ConfigError
 from metarun.runners.trainer import lr_schedule
 
 

@@ -10,8 +10,8 @@ import torch
 from conftest import read_jsonl, regression_run, run_cli
 
 from metarun.algorithms import IMAML, MAML, Reptile, mlp
-from metarun.data.errors import ConfigError
 from metarun.data.sinusoid import sinusoid
+from metarun.errors import ConfigError
 
 
 def test_tasks_follow_the_papers_distribution():

@@ -18,7 +18,7 @@ from conftest import read_jsonl, run_cli
 from test_config import compose_with
 from test_wandb import item_key, read_wandb_records
 
-from metarun.data.errors import StoppedError
+from metarun.errors import StoppedError
 from metarun.runners.trainer import Trainer
 
 STEPS = [

@@ -20,7 +20,7 @@ from conftest import run_cli
 from omegaconf import OmegaConf
 from test_config import compose_with
 
-from metarun.data.errors import CheckpointError, MetarunError
+from metarun.errors import CheckpointError, MetarunError
 from metarun.runners import checkpoint, rundir
 from metarun.runners.trainer import RESUME_MAY_CHANGE, Trainer, check_compatible, flatten
 

@@ -11,7 +11,7 @@ from hydra.utils import get_method
 from omegaconf import OmegaConf
 from test_config import NEEDS, OPTIONS, compose_with
 
-from metarun.data.errors import ConfigError
+from metarun.errors import ConfigError
 from metarun.runners.validate import KNOBS, parameters, validate
 
 

@@ -1,6 +1,7 @@
 """Errors that carry a message meant for the user: what is wrong and how to fix it.
 
-The CLI prints these without a stack trace; anything else is a bug.
+The CLI prints these without a stack trace; anything else is a bug. Every layer (data,
+algorithms, runners) imports its errors from here, and this module imports nothing.
 """
 
 

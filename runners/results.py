@@ -1,0 +1,112 @@
+"""A run's test result, one path for mode=train and mode=test: score the fixed test
+episodes, keep each episode's score (test_episodes.csv), write results.json and show them
+on the dashboard."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.runners.evaluate import evaluate
+from metarun.runners.files import write_text_atomic
+
+log = logging.getLogger("metarun")
+
+EPISODES_FILE = "test_episodes.csv"
+# data settings that say where the data is, or change training images only: not part of
+# what defines the test episodes
+NOT_EPISODE_DEFINING = ("root", "download", "augment")
+
+
+def episode_set(cfg: DictConfig, n: int) -> dict:
+    """What defines the fixed test episodes: two runs with equal sets were scored on the
+    same episodes (metarun report pairs them)."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return {
+        "data": cfg.data.name,
+        "split": "test",
+        "way": cfg.eval.way,
+        "shot": cfg.eval.shot,
+        "query": cfg.eval.query,
+        "seed": cfg.eval.seed,
+        "episodes": n,
+        "data_settings": {k: v for k, v in data.items() if k not in NOT_EPISODE_DEFINING},
+    }
+
+
+def write_episode_scores(run_dir: Path, cfg: DictConfig, result: dict) -> dict:
+    """test_episodes.csv: each fixed test episode's score; returns results.json's entry."""
+    metric = result["metric"]
+    lines = [f"episode,{metric}"] + [f"{i},{s!r}" for i, s in enumerate(result["scores"])]
+    write_text_atomic(Path(run_dir) / EPISODES_FILE, "\n".join(lines) + "\n", "test episodes")
+    return {"file": EPISODES_FILE, "set": episode_set(cfg, len(result["scores"]))}
+
+
+def results_record(cfg: DictConfig, result: dict, **extra) -> dict:
+    metric = result["metric"]
+    paper = OmegaConf.to_container(cfg.paper) if cfg.get("paper") is not None else None
+    return {
+        f"test_{metric}": result[metric],
+        "ci95": result["ci95"],
+        "episodes": result["episodes"],
+        "way": cfg.eval.way,
+        "shot": cfg.eval.shot,
+        "query": cfg.eval.query,
+        "algo": cfg.algo.name,
+        "data": cfg.data.name,
+        **({"paper": paper} if paper else {}),
+        **extra,
+    }
+
+
+def write_results(run_dir: Path, results: dict) -> None:
+    path = Path(run_dir) / "results.json"
+    write_text_atomic(path, json.dumps(results, indent=2) + "\n", "results file")
+    if "test_mse" in results:
+        log.info(
+            "test MSE %.4f ± %.4f (95%% CI, %d tasks of %d-shot regression) -> %s",
+            results["test_mse"],
+            results["ci95"],
+            results["episodes"],
+            results["shot"],
+            path,
+        )
+        return
+    log.info(
+        "test accuracy %.2f%% ± %.2f%% (95%% CI, %d episodes of %d-way %d-shot) -> %s",
+        100 * results["test_acc"],
+        100 * results["ci95"],
+        results["episodes"],
+        results["way"],
+        results["shot"],
+        path,
+    )
+
+
+def dashboard_summary(results: dict, metric: str) -> dict:
+    """The run's summary on the dashboard: the test score and its interval, the best
+    validation score and its step (not the last ones), the paper's figure."""
+    out = {f"test/{metric}": results[f"test_{metric}"], "test/ci95": results["ci95"]}
+    out["test/n_episodes"] = results["episodes"]
+    if results.get(f"best_val_{metric}") is not None:
+        out[f"val/best_{metric}"] = results[f"best_val_{metric}"]
+        out["val/best_step"] = results.get("best_step")
+    if isinstance(results.get("paper"), dict) and results["paper"].get(metric) is not None:
+        out[f"paper/{metric}"] = results["paper"][metric]
+    return out
+
+
+def score(learner, episodes, cfg: DictConfig, run_dir: Path, logger, extra: dict) -> dict:
+    """Evaluate on the fixed test episodes, write test_episodes.csv and results.json (with
+    `extra` and the learner's own test report), and give the dashboard its summary."""
+    result = evaluate(learner, episodes, cfg.eval.batch)
+    record = write_episode_scores(run_dir, cfg, result)
+    report = learner.test_report(episodes, cfg.eval.batch)
+    results = results_record(cfg, result, **extra, **report, test_episodes=record)
+    write_results(run_dir, results)
+    logger.episode_table(result["metric"], result["scores"])
+    logger.summary({**dashboard_summary(results, result["metric"]), **learner.test_summary(report)})
+    return results
