@@ -354,7 +354,10 @@ class MANN(MetaLearner):
         if self.labels == "onehot":
             return None
         n = self.string_chars**self.string_length
-        ids = torch.rand(b, n, generator=generator).argsort(-1)[:, :way]  # distinct per task
+        if generator is None:
+            ids = torch.rand(b, n).argsort(-1)[:, :way]  # distinct per task
+        else:  # evaluation: the same strings for every task, whatever the batch
+            ids = torch.rand(1, n, generator=generator).argsort(-1)[:, :way].expand(b, -1)
         digits = self.string_chars ** torch.arange(self.string_length - 1, -1, -1)
         codes = (ids.unsqueeze(-1) // digits) % self.string_chars
         return codes.to(device)
@@ -450,9 +453,9 @@ class MANN(MetaLearner):
         Table 1: {"instance_acc": {"1": mean, ...}, "instance_ci95": {...}}."""
         was_training = self.training
         self.eval()
-        gen = torch.Generator().manual_seed(1)
         per_k: dict[int, list[torch.Tensor]] = {}
         for batch in episodes.batches(batch_size or 32):
+            gen = torch.Generator().manual_seed(1)  # the same order for every episode
             x = torch.cat([batch.support_x, batch.query_x], dim=1)
             y = torch.cat([batch.support_y, batch.query_y], dim=1)
             x, y = shuffled(x, y, gen)
@@ -476,13 +479,15 @@ class MANN(MetaLearner):
 
 
 def shuffled(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
-    """Each task's items x [B, T, ...] and labels y [B, T] in a random order of its own:
-    from `generator` (on the CPU, so repeatable on any device) or the global RNG on y's
-    device."""
+    """Each task's items x [B, T, ...] and labels y [B, T] in a random order: its own from
+    the global RNG on y's device (training), or, from `generator` (evaluation), one order
+    drawn on the CPU for every task, so that a task's order, and so its score, depends on
+    neither the device nor the other tasks of its batch (eval.batch)."""
     if generator is None:
         order = torch.rand(y.shape, device=y.device).argsort(-1)
     else:
-        order = torch.rand(y.shape, generator=generator).argsort(-1).to(y.device)
+        order = torch.rand(y.shape[-1], generator=generator).argsort().to(y.device)
+        order = order.expand(y.shape)
     index = order.view(*order.shape, *[1] * (x.dim() - 2)).expand_as(x)
     return torch.gather(x, 1, index), torch.gather(y, 1, order)
 

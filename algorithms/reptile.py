@@ -75,16 +75,25 @@ class Reptile(HeadLearner):
         self.optimizer = torch.optim.SGD(self.parameters(), lr=lr)
         return self.optimizer
 
-    def fine_tune(self, x, y, steps: int, way: int) -> dict[str, torch.Tensor]:
-        """Weights after `steps` inner steps on (x, y), starting from the module's own."""
+    def fine_tune(self, x, y, steps: int, way: int, generator=None) -> dict[str, torch.Tensor]:
+        """Weights after `steps` inner steps on (x, y), starting from the module's own.
+        The minibatch order comes from the global RNG (training) or from `generator`, on
+        the CPU (evaluation: the same for a task whatever the device, the batch or the
+        random state, so a checkpoint's test score is repeatable)."""
         params = {n: p.detach().clone() for n, p in self.named_parameters()}
         state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
         n = x.shape[0]
-        order = torch.randperm(n, device=x.device)
+
+        def permutation():
+            if generator is None:
+                return torch.randperm(n, device=x.device)
+            return torch.randperm(n, generator=generator).to(x.device)
+
+        order = permutation()
         cursor = 0
         for t in range(1, steps + 1):
             if cursor + self.inner_batch > n:
-                order, cursor = torch.randperm(n, device=x.device), 0
+                order, cursor = permutation(), 0
             idx = order[cursor : cursor + self.inner_batch]
             cursor += self.inner_batch
             for p in params.values():
@@ -115,8 +124,9 @@ class Reptile(HeadLearner):
         steps = self.inner_steps if self.training else self.test_inner_steps
         out = []
         for sx, sy, qx in zip(support_x, support_y, query_x):
+            generator = None if self.training else torch.Generator().manual_seed(0)
             with torch.enable_grad():
-                params = self.fine_tune(sx, sy, steps, way)
+                params = self.fine_tune(sx, sy, steps, way, generator)
             with torch.no_grad(), self.autocast():
                 out.append(functional_call(self, params, (qx,))[:, :way])
         return torch.stack(out)

@@ -16,6 +16,40 @@ OMNIGLOT_DIR = Path(
 )
 HAVE_OMNIGLOT = all((OMNIGLOT_DIR / f"images_background_small{i}.zip").is_file() for i in (1, 2))
 
+CONF = REPO / "conf"
+# the registry of learners: every conf/algo/*.yaml (a new learner's yaml puts it under every
+# registry-parametrized test: contract, precision, resume)
+ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
+# optional settings that make a learner quick enough for a test step (a learner without an
+# entry runs with its own defaults)
+SMALL = {
+    "imaml": ["algo.inner_steps=2", "algo.cg_steps=2", "algo.test_inner_steps=2"],
+    "reptile": ["algo.inner_steps=2", "algo.test_inner_steps=2"],
+    "maml": ["algo.test_inner_steps=1"],
+    "mann": ["algo.controller_size=32", "algo.memory_slots=16"],
+    "siamese": ["algo.pairs_per_task=8"],
+    "lstm_meta": ["algo.inner_steps=2", "backbone.hidden=8"],
+}
+
+
+def learner_class(name: str) -> type:
+    """The class conf/algo/<name>.yaml builds: its capability flags (inner_loop,
+    supports_regression, ...) say which tests apply, not lists kept in the tests."""
+    from hydra.utils import get_class
+
+    return get_class(compose_with(f"algo={name}").algo._target_)
+
+
+def compose_with(*overrides: str):
+    """The composed metarun config for these overrides (Hydra's compose API)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="metarun.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
+
+
 # small, fast settings for CLI runs on the synthetic data
 FAST = [
     "logger=none",

@@ -107,7 +107,7 @@ def test_every_learner_family_runs_on_resnet12():
     ["protonet", "siamese", "matching", "relation", "maml", "anil", "reptile", "imaml", "mann"],
 )
 def test_every_learner_trains_and_predicts_on_resnet12(algo):
-    from test_config import compose_with
+    from conftest import compose_with
 
     from metarun.data import Episodes
     from metarun.runners.build import build_learner

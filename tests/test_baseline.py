@@ -8,8 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, run_cli
-from test_config import compose_with
+from conftest import FAST, compose_with, run_cli
 
 from metarun.algorithms import conv4
 from metarun.algorithms.baseline import Baseline

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
+from conftest import CONF, compose_with
 from omegaconf import OmegaConf
 
-import metarun.conf
 from metarun.runners.build import build_learner, build_store
 from metarun.runners.validate import validate
 
-CONF = Path(metarun.conf.__file__).parent
 GROUPS = ("algo", "data", "backbone", "logger", "experiment")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 # options that need another setting to build with the default config
@@ -31,12 +26,6 @@ NEEDS = {
     ("experiment", "baseline_omniglot_small_5w1s"): ["algo.num_classes=716"],
     ("experiment", "baseline_pp_omniglot_small_5w1s"): ["algo.num_classes=716"],
 }
-
-
-def compose_with(*overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="metarun.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=False)
 
 
 def test_the_default_config_is_protonet_on_synthetic():

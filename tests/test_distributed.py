@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
-from test_config import compose_with
+from conftest import compose_with, run_cli
 
 from metarun.runners.trainer import Trainer
 

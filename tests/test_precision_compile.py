@@ -7,29 +7,19 @@ import shutil
 
 import pytest
 import torch
-from conftest import FAST, run_cli
-from test_config import CONF, compose_with
+from conftest import ALGOS, FAST, SMALL, compose_with, learner_class, run_cli
 
 from metarun.data import EpisodeSampler
 from metarun.data.synthetic import synthetic
 from metarun.errors import ConfigError
 from metarun.runners.build import build_learner
 
-LEARNERS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
-INNER_LOOP = {"maml", "fomaml", "metasgd", "anil", "reptile", "imaml", "lstm_meta"}
-
 
 def small_learner(name: str):
     # small settings so that one step of every learner is quick
-    extra = {
-        "imaml": ["algo.inner_steps=2", "algo.cg_steps=2"],
-        "reptile": ["algo.inner_steps=2"],
-        "mann": ["algo.controller_size=32", "algo.memory_slots=16"],
-        # the trainer takes it from the data (synthetic: 200 training classes)
-        "baseline": ["algo.num_classes=200"],
-        "baseline_pp": ["algo.num_classes=200"],
-    }
-    cfg = compose_with(f"algo={name}", "way=5", *extra.get(name, []))
+    cfg = compose_with(f"algo={name}", "way=5", *SMALL.get(name, []))
+    if "num_classes" in cfg.algo:  # the trainer takes it from the data (synthetic: 200)
+        cfg.algo.num_classes = 200
     torch.manual_seed(0)
     return build_learner(cfg)
 
@@ -40,10 +30,10 @@ def episodes():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-@pytest.mark.parametrize("name", LEARNERS)
+@pytest.mark.parametrize("name", ALGOS)
 def test_every_learner_takes_a_mixed_precision_step_or_says_why_not(name, amp):
     learner = small_learner(name)
-    if amp == "fp16" and name in INNER_LOOP:
+    if amp == "fp16" and learner.inner_loop:
         with pytest.raises(ConfigError, match="inner-loop gradients are not loss-scaled.*bf16"):
             learner.set_precision(amp)
         return
@@ -68,7 +58,7 @@ def test_every_learner_takes_a_mixed_precision_step_or_says_why_not(name, amp):
     assert logits.shape == (2, 10, 5) and torch.isfinite(logits.float()).all()
 
 
-@pytest.mark.parametrize("name", sorted(INNER_LOOP))
+@pytest.mark.parametrize("name", [n for n in ALGOS if learner_class(n).inner_loop])
 def test_compile_is_refused_for_learners_with_an_inner_loop(name):
     with pytest.raises(ConfigError, match="trainer.compile=true is not supported by"):
         small_learner(name).compile_network()

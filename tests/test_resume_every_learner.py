@@ -10,20 +10,10 @@ import signal
 
 import pytest
 import torch
-from test_config import compose_with
-from test_precision_compile import LEARNERS
+from conftest import ALGOS, SMALL, compose_with
 
 from metarun.errors import StoppedError
 from metarun.runners.trainer import Trainer
-
-SMALL = {
-    "imaml": ["algo.inner_steps=2", "algo.cg_steps=2", "algo.test_inner_steps=2"],
-    "reptile": ["algo.inner_steps=2", "algo.test_inner_steps=2"],
-    "maml": ["algo.test_inner_steps=1"],
-    "mann": ["algo.controller_size=32", "algo.memory_slots=16"],
-    "siamese": ["algo.pairs_per_task=8"],
-    "lstm_meta": ["algo.inner_steps=2", "backbone.hidden=8"],
-}
 
 
 def config(name: str, steps: int):
@@ -51,7 +41,7 @@ class SignalledAfterStep2(Trainer):
         return super().after_step(window, logger)
 
 
-@pytest.mark.parametrize("name", LEARNERS)
+@pytest.mark.parametrize("name", ALGOS)
 def test_every_learner_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, name):
     device = torch.device("cpu")
     whole = Trainer(config(name, 4), tmp_path / "whole", device)

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_jsonl, run_cli
-from test_config import compose_with
+from conftest import compose_with, read_jsonl, run_cli
 from test_wandb import item_key, read_wandb_records
 
 from metarun.errors import StoppedError

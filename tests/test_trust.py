@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import run_cli
+from conftest import compose_with, run_cli
 from omegaconf import OmegaConf
-from test_config import compose_with
 
 from metarun.errors import CheckpointError, MetarunError
 from metarun.runners import checkpoint, rundir

@@ -1,0 +1,135 @@
+"""The learner contract, for every learner in the registry (conf/algo/*.yaml): a new
+learner's yaml puts it under every test here, with nothing to write. Each learner's own
+test file keeps only its algorithm's mathematics."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from conftest import ALGOS, SMALL, compose_with
+
+from metarun.data.episodes import FixedEpisodes
+from metarun.data.synthetic import synthetic
+from metarun.runners.trainer import Trainer
+
+WAY = 5
+
+
+@functools.cache
+def built(name: str, tmp_root: str) -> Trainer:
+    """A trainer (learner, sampler, evaluation episodes) for `name` at test size."""
+    cfg = compose_with(
+        f"algo={name}",
+        *SMALL.get(name, []),
+        f"way={WAY}",
+        "shot=1",
+        "query=2",
+        "logger=none",
+        "trainer.meta_batch=2",
+        "trainer.val_episodes=4",
+        "eval.episodes=4",
+        "device=cpu",
+    )
+    torch.manual_seed(0)
+    return Trainer(cfg, f"{tmp_root}/{name}", torch.device("cpu"))
+
+
+@pytest.fixture
+def trainer(request, tmp_path_factory):
+    name = request.node.callspec.params["name"]
+    return built(name, str(tmp_path_factory.getbasetemp() / "contract"))
+
+
+def episodes(way: int = WAY, n: int = 3) -> FixedEpisodes:
+    return next(FixedEpisodes(synthetic("test"), n, way, 1, 2, seed=1).batches(n))
+
+
+def weights(learner) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in learner.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_predict_gives_one_score_per_query_and_class_and_leaves_the_weights(name, trainer):
+    learner = copy.deepcopy(trainer.learner).eval()
+    before = weights(learner)
+    ep = episodes()
+    with torch.no_grad():
+        logits = learner.predict(ep.support_x, ep.support_y, ep.query_x, ep.way)
+    assert logits.shape == (3, WAY * 2, WAY) and torch.isfinite(logits).all()
+    assert same(before, weights(learner))  # adaptation happens on copies, never the weights
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_each_task_is_predicted_on_its_own(name, trainer):
+    """A task's scores do not depend on the other tasks of the batch."""
+    learner = copy.deepcopy(trainer.learner).eval()
+    ep = episodes()
+    torch.manual_seed(1)  # evaluation must not depend on the global random state
+    with torch.no_grad():
+        together = learner.predict(ep.support_x, ep.support_y, ep.query_x, ep.way)
+        alone = torch.cat(
+            [
+                learner.predict(t.support_x, t.support_y, t.query_x, t.way)
+                for t in map(ep.__getitem__, range(3))
+            ]
+        )
+    # float32: the batched and single passes reduce in other orders (relative 1e-7); the
+    # inner-loop learners' gradient steps at test time amplify that, to 3e-5 for scores of
+    # about 2 (measured, every learner); a task that saw another's data would be off by 0.1+
+    tol = 1e-3 if learner.inner_loop else 1e-5
+    torch.testing.assert_close(together, alone, rtol=tol, atol=tol)
+    again = learner.predict(ep.support_x, ep.support_y, ep.query_x, ep.way)
+    assert torch.equal(together, again)  # evaluation is repeatable
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_fewer_classes_than_trained_on(name, trainer):
+    learner = copy.deepcopy(trainer.learner).eval()
+    ep = episodes(way=3)
+    with torch.no_grad():
+        logits = learner.predict(ep.support_x, ep.support_y, ep.query_x, ep.way)
+    assert logits.shape == (3, 6, 3) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_a_training_step_returns_detached_scalars_and_changes_the_weights(name, trainer):
+    learner = copy.deepcopy(trainer.learner)
+    learner.configure_optimizer(1e-3)
+    before = weights(learner)
+    batch = copy.deepcopy(trainer.sampler).sample(2)
+    out = learner.meta_train_step(batch)
+    assert "loss" in out and torch.isfinite(out["loss"]).all()
+    for key, value in out.items():
+        assert isinstance(value, torch.Tensor) and not value.requires_grad, key
+    changed = [k for k, v in learner.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_the_state_dict_round_trips(name, trainer):
+    learner = copy.deepcopy(trainer.learner).eval()
+    learner.configure_optimizer(1e-3)
+    learner.meta_train_step(copy.deepcopy(trainer.sampler).sample(2))
+    learner.eval()
+    other = copy.deepcopy(trainer.learner).eval()
+    other.load_state_dict(learner.state_dict())
+    ep = episodes()
+    with torch.no_grad():
+        a = learner.predict(ep.support_x, ep.support_y, ep.query_x, ep.way)
+        b = other.predict(ep.support_x, ep.support_y, ep.query_x, ep.way)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_capabilities_are_declared_by_the_class(name, trainer):
+    """What the runners ask of a learner comes from its class, never from a list."""
+    learner = trainer.learner
+    assert isinstance(learner.inner_loop, bool)
+    assert isinstance(learner.supports_regression, bool)
