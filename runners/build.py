@@ -7,6 +7,7 @@ an algorithm's or data set's name.
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import torch
 from hydra.errors import InstantiationException
@@ -107,6 +108,29 @@ def learner_class(cfg: DictConfig) -> type | None:
         return get_class(cfg.algo._target_)
     except Exception:
         return None
+
+
+def learners_that(flag: str) -> list[str]:
+    """The names of the learners (conf/algo/*.yaml) whose class sets `flag`, e.g.
+    supports_regression: read from the registry, so a new learner is listed where it fits."""
+    import yaml
+    from hydra.utils import get_class
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "algo"
+    names = []
+    for path in sorted(conf.glob("*.yaml")):
+        node = yaml.safe_load(path.read_text()) or {}
+        if isinstance(node.get("algo"), dict):  # a file in the global package (reptile)
+            node = {**node["algo"], "defaults": node.get("defaults", [])}
+        for parent in node.get("defaults", []):  # a variant (fomaml: defaults [maml])
+            if isinstance(parent, str) and parent != "_self_" and "_target_" not in node:
+                node = {**(yaml.safe_load((conf / f"{parent}.yaml").read_text()) or {}), **node}
+        try:
+            if getattr(get_class(node["_target_"]), flag, False):
+                names.append(path.stem)
+        except Exception:  # noqa: BLE001 - a target that does not import: not listed
+            continue
+    return names
 
 
 def train_sampler(cfg: DictConfig, store, device):

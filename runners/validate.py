@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from metarun.algorithms.base import NAN_POLICIES
 from metarun.data.params import Range, finite_number
 from metarun.errors import ConfigError
-from metarun.runners.build import learner_class
+from metarun.runners.build import learner_class, learners_that
 
 MODES = ("train", "test", "predict")
 SEED_MAX = 2**63 - 1
@@ -212,7 +212,7 @@ def check_knobs(plain: dict, mode: str) -> list[str]:
         check = KNOBS.get(key)
         if check is None:
             if mode == "train":  # a checkpoint's stored config may hold an older version's keys
-                errors.append(f"{key} is not a metarun setting (see README, Config reference)")
+                errors.append(f"{key} is not a metarun setting (see docs/configuration.md)")
             continue
         errors.append(check(key, value))
     return [e for e in errors if e]
@@ -435,5 +435,5 @@ def check_learner_fits_data(cfg: DictConfig) -> None:
         if learner is not None and not getattr(learner, "supports_regression", False):
             raise ConfigError(
                 f"algo={cfg.algo.name} is classification-only and data={cfg.data.name} is "
-                "regression; use algo=maml, fomaml, metasgd, anil, reptile or imaml"
+                f"regression; use algo={', '.join(learners_that('supports_regression'))}"
             )

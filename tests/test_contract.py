@@ -133,3 +133,12 @@ def test_capabilities_are_declared_by_the_class(name, trainer):
     learner = trainer.learner
     assert isinstance(learner.inner_loop, bool)
     assert isinstance(learner.supports_regression, bool)
+
+
+def test_the_runners_read_capabilities_from_the_registry():
+    from conftest import learner_class
+
+    from metarun.runners.build import learners_that
+
+    regression = [n for n in ALGOS if learner_class(n).supports_regression]
+    assert learners_that("supports_regression") == regression and "maml" in regression
