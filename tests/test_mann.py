@@ -265,7 +265,7 @@ def test_cli_trains_mann_and_reports_accuracy_by_instance(tmp_path):
         for i in r.summary.update
     }
     for k, acc in results["instance_acc"].items():
-        assert float(summary[f"test_acc_inst{k}"]) == pytest.approx(acc)
+        assert float(summary[f"test/acc_inst{k}"]) == pytest.approx(acc)
 
 
 def test_mann_takes_a_convolutional_embedding():
