@@ -97,13 +97,6 @@ class RunLogger:
 
         self.wandb.log({key: wandb.Table(columns=columns, data=rows)}, commit=False)
 
-    def images(self, images: dict[str, Path]) -> None:
-        if self.wandb is None or not images:
-            return
-        import wandb
-
-        self.wandb.log({k: wandb.Image(str(p)) for k, p in images.items()}, commit=False)
-
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **metrics}
         with open(self.path, "a") as f:
@@ -191,8 +184,13 @@ def sweep_group() -> str | None:
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    sweep = Path(HydraConfig.get().sweep.dir)
-    return f"{sweep.parent.name}_{sweep.name}" if sweep.parent.name else sweep.name
+    return group_name(Path(HydraConfig.get().sweep.dir))
+
+
+def group_name(sweep_dir: Path) -> str:
+    """A sweep's wandb group: its folder's name with its parent's (<date>_<time>)."""
+    sweep_dir = Path(sweep_dir)
+    return f"{sweep_dir.parent.name}_{sweep_dir.name}" if sweep_dir.parent.name else sweep_dir.name
 
 
 def dashboard_key(key: str) -> str:

@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from metarun.errors import ConfigError, MetarunError
-from metarun.runners.sweep import ERROR_FILE, results_folder
+from metarun.runners.sweep import ERROR_FILE, results_folder, score_text, varying, with_ci
 
 RESULTS_FILE = "results.json"
 EPISODES_FILE = "test_episodes.csv"
@@ -220,17 +220,10 @@ class Group:
         return done[0].episode_set if done and self.scores() is not None else None
 
 
-def varying(runs: list[Run]) -> list[list[str]]:
-    """Each run's overrides without those all runs share."""
-    lists = [r.overrides for r in runs]
-    common = set.intersection(*map(set, lists)) if len(lists) > 1 else set()
-    return [[o for o in items if o not in common] for items in lists]
-
-
 def groups_of(runs: list[Run]) -> list[Group]:
     """Runs whose overrides differ only in seed= form a group, in order of appearance."""
     groups: dict[tuple, Group] = {}
-    for run, items in zip(runs, varying(runs)):
+    for run, items in zip(runs, varying([r.overrides for r in runs])):
         key = tuple(sorted(o for o in items if o.split("=", 1)[0] != "seed"))
         label = " ".join(key) or ("(all)" if len(runs) > 1 else run.name)
         groups.setdefault(key, Group(label, [])).runs.append(run)
@@ -252,19 +245,6 @@ def comparisons(groups: list[Group]) -> tuple[list[dict], list[tuple[str, str]]]
 
 
 # ------------------------------------------------------------------ formatting
-
-
-def score(value: float | None, metric: str) -> str:
-    if value is None or not isinstance(value, int | float):
-        return "-"
-    return f"MSE {value:.4f}" if metric == "mse" else f"{100 * value:.2f}%"
-
-
-def with_ci(value, ci, metric: str) -> str:
-    if value is None:
-        return "-"
-    half = "" if ci is None else (f" ± {ci:.4f}" if metric == "mse" else f" ± {100 * ci:.2f}%")
-    return score(value, metric) + half
 
 
 def paper_cell(run: Run) -> str:
@@ -533,7 +513,7 @@ def build(runs: list[Run], sweeps: list[Path], out: Path) -> list[tuple]:
 
     blocks.append(("h", 2, "Jobs"))
     rows = []
-    for r, items in zip(runs, varying(runs)):
+    for r, items in zip(runs, varying([r.overrides for r in runs])):
         ci = r.results.get("ci95")
         rows.append([
             r.name,
@@ -566,9 +546,9 @@ def build(runs: list[Run], sweeps: list[Path], out: Path) -> list[tuple]:
             rows.append([
                 g.label,
                 ", ".join(str(r.seed) for r in g.done),
-                f"{score(float(tests.mean()), metric)} ± {score(float(tests.std(ddof=1)), metric)}",
+                f"{score_text(float(tests.mean()), metric)} ± {score_text(float(tests.std(ddof=1)), metric)}",
                 pooled_cell,
-                ", ".join(score(r.test, metric) for r in g.done),
+                ", ".join(score_text(r.test, metric) for r in g.done),
             ])  # fmt: skip
         blocks.append(
             ("table", ["group", "seeds", "mean ± sd over seeds", "pooled 95% CI", "per seed"], rows)

@@ -99,14 +99,21 @@ def dashboard_summary(results: dict, metric: str) -> dict:
     return out
 
 
-def score(learner, episodes, cfg: DictConfig, run_dir: Path, logger, extra: dict) -> dict:
+def score(
+    learner, episodes, cfg: DictConfig, run_dir: Path, logger, extra: dict, best_val=None
+) -> dict:
     """Evaluate on the fixed test episodes, write test_episodes.csv and results.json (with
-    `extra` and the learner's own test report), and give the dashboard its summary."""
+    `extra` and the learner's own test report), and give the dashboard its summary.
+    best_val: training's best validation score as higher_is_better gives it (accuracy, or
+    minus the MSE), recorded as best_val_acc or best_val_mse."""
     result = evaluate(learner, episodes, cfg.eval.batch)
+    metric = result["metric"]
+    if best_val is not None:
+        extra = {**extra, f"best_val_{metric}": best_val if metric == "acc" else -best_val}
     record = write_episode_scores(run_dir, cfg, result)
     report = learner.test_report(episodes, cfg.eval.batch)
     results = results_record(cfg, result, **extra, **report, test_episodes=record)
     write_results(run_dir, results)
-    logger.episode_table(result["metric"], result["scores"])
-    logger.summary({**dashboard_summary(results, result["metric"]), **learner.test_summary(report)})
+    logger.episode_table(metric, result["scores"])
+    logger.summary({**dashboard_summary(results, metric), **learner.test_summary(report)})
     return results

@@ -82,33 +82,46 @@ def results_folder(job: Path) -> Path:
     return job
 
 
-def test_cell(row: dict) -> str:
-    if row["status"] != "ok":
+def score_text(value: float | None, metric: str) -> str:
+    """A test score as tables show it: 97.07% (accuracy) or MSE 0.2500."""
+    if value is None or not isinstance(value, int | float):
         return "-"
-    if row["metric"] == "mse":
-        return f"MSE {row['test']:.4f} ± {row['ci95']:.4f}"
-    return f"{100 * row['test']:.2f}% ± {100 * row['ci95']:.2f}%"
+    return f"MSE {value:.4f}" if metric == "mse" else f"{100 * value:.2f}%"
+
+
+def with_ci(value: float | None, ci: float | None, metric: str) -> str:
+    """A score and its 95% half-width: 97.07% ± 0.34% (no half-width when ci is None)."""
+    if value is None:
+        return "-"
+    half = "" if ci is None else (f" ± {ci:.4f}" if metric == "mse" else f" ± {100 * ci:.2f}%")
+    return score_text(value, metric) + half
+
+
+def test_cell(row: dict) -> str:
+    return with_ci(row["test"], row["ci95"], row["metric"]) if row["status"] == "ok" else "-"
 
 
 def paper_cell(row: dict) -> str:
     """The published figure of a preset that follows a paper."""
     if row.get("paper") in ("", None):
         return ""
-    value, ci = row["paper"], row.get("paper_ci95")
-    if row["metric"] == "mse":
-        return f"MSE {value:.4f}" + (f" ± {ci:.4f}" if ci not in ("", None) else "")
-    return f"{100 * value:.2f}%" + (f" ± {100 * ci:.2f}%" if ci not in ("", None) else "")
+    ci = row.get("paper_ci95")
+    return with_ci(row["paper"], None if ci in ("", None) else ci, row["metric"])
 
 
 def seconds_cell(row: dict) -> str:
     return f"{row['seconds']:.0f} s" if isinstance(row["seconds"], int | float) else ""
 
 
+def varying(lists: list[list[str]]) -> list[list[str]]:
+    """Each list of overrides without those all the lists share."""
+    common = set.intersection(*map(set, lists)) if len(lists) > 1 else set()
+    return [[o for o in items if o not in common] for items in lists]
+
+
 def swept(rows: list[dict]) -> list[str]:
     """Each row's overrides without those every job shares (the CSV keeps them all)."""
-    lists = [r["overrides"] for r in rows]
-    common = set.intersection(*map(set, lists)) if len(lists) > 1 else set()
-    return [" ".join(o for o in items if o not in common) or "(none)" for items in lists]
+    return [" ".join(items) or "(none)" for items in varying([r["overrides"] for r in rows])]
 
 
 def write_summary(sweep_dir: Path, rows: list[dict]) -> tuple[Path, Path]:
@@ -172,9 +185,9 @@ def summary_run(config: DictConfig, sweep_dir: Path, rows: list[dict], report: d
         return
     import wandb
 
-    from metarun.runners.logging import wandb_mode
+    from metarun.runners.logging import group_name, wandb_mode
 
-    group = logger_cfg.get("group") or f"{sweep_dir.parent.name}_{sweep_dir.name}"
+    group = logger_cfg.get("group") or group_name(sweep_dir)
     run = wandb.init(
         project=logger_cfg.get("project"),
         entity=logger_cfg.get("entity"),
@@ -187,7 +200,7 @@ def summary_run(config: DictConfig, sweep_dir: Path, rows: list[dict], report: d
         config={"sweep_dir": str(sweep_dir), "jobs": len(rows)},
     )
     try:
-        columns = [c for c in COLUMNS if c != "error"] + ["error"]
+        columns = list(COLUMNS)
         table = [[" ".join(r[c]) if c == "overrides" else r[c] for c in columns] for r in rows]
         figures = {
             f"report/{name}": wandb.Image(str(path))

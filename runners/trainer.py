@@ -435,21 +435,24 @@ class Trainer:
             log.warning("no finite validation score in this run: testing the last weights")
             path, self.best_step = self.ckpt_dir / "last.pt", None
         self.learner.load_state_dict(checkpoint.load(path, trust=self.trust)["model"])
-        metric = "mse" if self.cfg.data.get("task") == "regression" else "acc"
-        extra = {
-            "steps": self.step,
-            "seconds": self.elapsed,
-            "best_step": self.best_step,
-            f"best_val_{metric}": self.best_val if metric == "acc" else -self.best_val,
-        }
+        extra = {"steps": self.step, "seconds": self.elapsed, "best_step": self.best_step}
         try:
-            results = score(self.learner, self.test_episodes, self.cfg, self.run_dir, logger, extra)
+            results = score(
+                self.learner,
+                self.test_episodes,
+                self.cfg,
+                self.run_dir,
+                logger,
+                extra,
+                best_val=self.best_val,
+            )
         except FileSystemError as err:
             raise FileSystemError(
                 f"{err}. Training is complete and its checkpoints are kept; once that is "
                 f"fixed, test again with: metarun mode=test ckpt={path}"
             ) from err
         if self.cfg.logger.get("log_checkpoint"):
+            metric = "mse" if "test_mse" in results else "acc"
             summary = {f"test_{metric}": results[f"test_{metric}"], "ci95": results["ci95"]}
             logger.log_checkpoint(
                 path, self.best_step or self.step, {"step": self.best_step, **summary}
