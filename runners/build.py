@@ -112,25 +112,27 @@ def learner_class(cfg: DictConfig) -> type | None:
 
 def learners_that(flag: str) -> list[str]:
     """The names of the learners (conf/algo/*.yaml) whose class sets `flag`, e.g.
-    supports_regression: read from the registry, so a new learner is listed where it fits."""
-    import yaml
+    supports_regression: read from the registry, each composed by Hydra as a run would
+    compose it, so a new learner is listed where it fits."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.utils import get_class
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "algo"
-    names = []
-    for path in sorted(conf.glob("*.yaml")):
-        node = yaml.safe_load(path.read_text()) or {}
-        if isinstance(node.get("algo"), dict):  # a file in the global package (reptile)
-            node = {**node["algo"], "defaults": node.get("defaults", [])}
-        for parent in node.get("defaults", []):  # a variant (fomaml: defaults [maml])
-            if isinstance(parent, str) and parent != "_self_" and "_target_" not in node:
-                node = {**(yaml.safe_load((conf / f"{parent}.yaml").read_text()) or {}), **node}
-        try:
-            if getattr(get_class(node["_target_"]), flag, False):
-                names.append(path.stem)
-        except Exception:  # noqa: BLE001 - a target that does not import: not listed
-            continue
-    return names
+    names = sorted(
+        p.stem for p in (Path(__file__).resolve().parents[1] / "conf" / "algo").glob("*.yaml")
+    )
+
+    def targets() -> dict[str, str]:
+        return {
+            n: compose(config_name="config", overrides=[f"algo={n}"]).algo._target_ for n in names
+        }
+
+    if GlobalHydra.instance().is_initialized():  # inside the metarun app
+        found = targets()
+    else:
+        with initialize_config_module(config_module="metarun.conf", version_base="1.3"):
+            found = targets()
+    return [n for n in names if getattr(get_class(found[n]), flag, False)]
 
 
 def train_sampler(cfg: DictConfig, store, device):
