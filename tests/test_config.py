@@ -19,7 +19,6 @@ NEEDS = {
     ("backbone", "mlp"): ["algo=maml", "data=sinusoid"],
     # no learned weights of its own: a learner around it has them
     ("backbone", "pixels"): ["algo=mann"],
-    ("backbone", "for_mann"): ["algo=mann"],
     # the classifier's size over the training classes: the trainer sets it from the data
     ("algo", "baseline"): ["algo.num_classes=200"],
     ("algo", "baseline_pp"): ["algo.num_classes=200"],
