@@ -43,8 +43,10 @@ class MetaLearner(nn.Module):
     # set by the trainer in a multi-process run (runners/distributed.py): averages .grad
     # over the processes before every outer update
     grad_sync: Callable[[Iterable[nn.Parameter]], None] | None = None
-    # trainer.nan_policy: what a NaN or inf loss or gradient does (see prepare_update)
+    # trainer.nan_policy: what a NaN or inf loss or gradient does (see outer_update)
     nan_policy: str = "stop"
+    # trainer.grad_clip: the largest gradient norm of an outer update (None: no clipping)
+    grad_clip: float | None = None
     skipped_updates: int = 0
     # regression (float targets, MSE) needs a model with an output head; metric learners
     # compare classes and are classification-only
@@ -84,7 +86,7 @@ class MetaLearner(nn.Module):
         return supervised_loss(logits.flatten(0, 1), query_y.flatten())
 
     def meta_train_step(self, episodes: Episodes) -> dict[str, torch.Tensor]:
-        """One outer update: loss on predict(...) + optimizer step.
+        """One outer update: the loss of predict(...) on the queries, then outer_update.
 
         Returns detached scalar tensors; the trainer reads them only when it
         logs, so a GPU step does not wait on a host sync.
@@ -95,7 +97,7 @@ class MetaLearner(nn.Module):
                 episodes.support_x, episodes.support_y, episodes.query_x, episodes.way
             )
             loss = self.loss(logits, episodes.query_y)
-        self.optimizer_step(loss)
+        self.outer_update(loss)
         return {
             "loss": loss.detach(),
             metric_name(episodes.query_y): task_scores(logits, episodes.query_y),
@@ -118,8 +120,12 @@ class MetaLearner(nn.Module):
         return {}
 
     # -- shared machinery ---------------------------------------------------
-    def configure_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+    def configure_optimizer(
+        self, make: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+    ) -> torch.optim.Optimizer:
+        """The outer optimizer, from the config's `optimizer` node (a `_partial_` call that
+        takes the parameters, e.g. functools.partial(torch.optim.Adam, lr=1e-3))."""
+        self.optimizer = make(self.parameters())
         return self.optimizer
 
     def set_precision(self, amp: str) -> None:
@@ -151,22 +157,47 @@ class MetaLearner(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def optimizer_step(self, loss: torch.Tensor) -> None:
+    def outer_update(
+        self, loss: torch.Tensor, grads: Iterable[tuple[nn.Parameter, torch.Tensor]] | None = None
+    ) -> bool:
+        """The one outer update of every learner: zero the gradients; backpropagate `loss`
+        (scaled under fp16), or, for learners that compute their own update direction
+        (Reptile's weight difference, iMAML's implicit gradient, MAML's per-thread parts),
+        take `grads` as (parameter, gradient) pairs; average over the processes of a
+        multi-process run; check for NaN or inf (trainer.nan_policy); clip the gradient
+        norm (trainer.grad_clip); step the optimizer. Returns whether the update was made:
+        nan_policy=skip skips it and counts it, nan_policy=stop raises NonFiniteLoss with
+        the weights still those before this step."""
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is None:
-            loss.backward()
+        if grads is None:
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         else:
-            self.scaler.scale(loss).backward()
-        self.apply_gradients(loss)
-
-    def prepare_update(self, loss: torch.Tensor) -> bool:
-        """Called with the gradients in .grad, right before every outer update: averages them
-        over the processes of a multi-process run, then checks the loss and (without a loss
-        scaler, which skips overflowing steps itself) the gradients for NaN or inf. Returns
-        True to apply the update; False to skip it (nan_policy="skip"); nan_policy="stop"
-        raises NonFiniteLoss, with the weights still those before this step."""
+            if self.scaler is not None:
+                raise ConfigError(
+                    f"trainer.amp=fp16 is not supported by {type(self).__name__}: it computes "
+                    "its own update directions, which the loss scaler cannot scale; use "
+                    "trainer.amp=bf16 or trainer.amp=off"
+                )
+            for p, g in grads:
+                p.grad = g
         if self.grad_sync is not None:
             self.grad_sync(self.parameters())
+        if not self.finite_update(loss):
+            return False
+        if self.grad_clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients
+            nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)  # skips the step when a gradient overflowed
+            self.scaler.update()
+        return True
+
+    def finite_update(self, loss: torch.Tensor) -> bool:
+        """trainer.nan_policy on the loss and (without a loss scaler, which skips
+        overflowing steps itself) the gradients in .grad: True when the update may go on."""
         if self.nan_policy == "off":
             return True
         checks = [torch.isfinite(loss.detach()).all()]
@@ -182,16 +213,6 @@ class MetaLearner(nn.Module):
             self.skipped_updates += 1
             return False
         raise NonFiniteLoss(f"non-finite {what} ({float(loss.detach().float().mean()):g})")
-
-    def apply_gradients(self, loss: torch.Tensor) -> None:
-        """The outer update from the gradients in .grad (see prepare_update)."""
-        if not self.prepare_update(loss):
-            return
-        if self.scaler is None:
-            self.optimizer.step()
-        else:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
 
     @property
     def device(self) -> torch.device:

@@ -122,7 +122,7 @@ class Baseline(MetaLearner):
         with self.autocast():
             logits = self.logits(self.embed(x), self.head.weight, self.head.bias)
             loss = F.cross_entropy(logits.float(), y)
-        self.optimizer_step(loss)
+        self.outer_update(loss)
         return {"loss": loss.detach(), "acc": (logits.argmax(-1) == y).float().detach()}
 
     def head_gradients(self, z, y, weight, bias):

@@ -260,11 +260,9 @@ class IMAML(HeadLearner):
             self.damping,
             solver=batched_conjugate_gradient,
         )
-        self.optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(self.parameters(), v):
-            p.grad = g.mean(0)
-        if self.prepare_update(losses.detach().mean()):
-            self.optimizer.step()
+        self.outer_update(
+            losses.detach().mean(), [(p, g.mean(0)) for p, g in zip(self.parameters(), v)]
+        )
         return {"loss": losses.detach().mean(), metric_name(qy): task_scores(logits.detach(), qy)}
 
     # -----------------------------------------------------------------------------------
@@ -316,9 +314,5 @@ class IMAML(HeadLearner):
                 acc_g += vi / b
             losses.append(loss.detach())
             scores.append(task_scores(logits.detach()[None], qy[None])[0])
-        self.optimizer.zero_grad(set_to_none=True)
-        for p, g in zip(params, meta_grads):
-            p.grad = g
-        if self.prepare_update(torch.stack(losses).mean()):
-            self.optimizer.step()
+        self.outer_update(torch.stack(losses).mean(), zip(params, meta_grads))
         return {"loss": torch.stack(losses).mean(), metric_name(qy): torch.stack(scores)}

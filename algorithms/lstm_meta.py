@@ -8,8 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metarun.data.params import NonNegativeInt, PositiveFloat, PositiveInt
-from metarun.errors import ConfigError
+from metarun.data.params import NonNegativeInt, PositiveInt
 
 from .base import HeadLearner, infer_way, positive_ints, supervised_loss
 
@@ -43,7 +42,7 @@ class LSTMMetaLearner(HeadLearner):
       decay); theta_t = c_t.
 
     The query loss of theta_T trains the LSTM's weights and theta_0 (Adam, gradient norm
-    clipped at `grad_clip`, paper 0.25), back through the T updates. As in the paper
+    clipped at trainer.grad_clip, the paper's 0.25 in its yaml), back through the T updates. As in the paper
     (Sec. 3.3), the learner's gradients and losses are inputs whose own derivatives are
     dropped ("ignore second derivatives"), so no Hessian is formed. Batch norm: the
     learner uses the statistics of the batch it sees, in training and at test time, and
@@ -71,7 +70,6 @@ class LSTMMetaLearner(HeadLearner):
         inner_steps: PositiveInt = 5,
         test_inner_steps: NonNegativeInt | None = None,
         hidden_size: PositiveInt = 20,
-        grad_clip: PositiveFloat = 0.25,
         forget_bias: tuple[float, float] = (4.0, 6.0),
         input_bias: tuple[float, float] = (-5.0, -4.0),
     ):
@@ -79,11 +77,8 @@ class LSTMMetaLearner(HeadLearner):
         positive_ints(
             inner_steps=inner_steps, test_inner_steps=test_inner_steps, hidden_size=hidden_size
         )
-        if grad_clip is not None and not grad_clip > 0:
-            raise ConfigError(f"algo.grad_clip must be positive or null, got {grad_clip!r}")
         super().__init__(backbone, way, batch_statistics=True)
         self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
-        self.grad_clip = grad_clip
         # the learner's weights: those registered before the LSTM's
         self.learner_names = [n for n, _ in self.named_parameters()]
         self.learner_shapes = [p.shape for p in self.parameters()]
@@ -154,10 +149,3 @@ class LSTMMetaLearner(HeadLearner):
         steps = self.inner_steps if self.training else self.test_inner_steps
         theta = self.adapt(support_x, support_y, steps, way)
         return torch.stack([self.learner_logits(t, qx, way) for t, qx in zip(theta, query_x)])
-
-    def prepare_update(self, loss: torch.Tensor) -> bool:
-        """The base checks, then the paper's gradient-norm clipping."""
-        ok = super().prepare_update(loss)
-        if ok and self.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
-        return ok

@@ -284,13 +284,13 @@ class MAML(HeadLearner):
 
         parts = task_threads.groups(tasks, torch.get_num_threads())
         results = task_threads.run(work, parts)
-        self.optimizer.zero_grad(set_to_none=True)
+        summed = []
         for i, p in enumerate(params):
             shares = [grads[i] for _, _, grads in results if grads[i] is not None]
             if shares:
-                p.grad = torch.stack(shares).sum(0)
+                summed.append((p, torch.stack(shares).sum(0)))
         loss = torch.stack([share for _, share, _ in results]).sum()
-        self.apply_gradients(loss)
+        self.outer_update(loss, summed)
         logits = torch.cat([logits for logits, _, _ in results])
         return {
             "loss": loss,

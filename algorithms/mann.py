@@ -55,13 +55,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.data.params import PositiveFloat, PositiveInt, Probability
+from metarun.data.params import PositiveInt, Probability
 from metarun.errors import ConfigError
 
 from .base import MetaLearner, feature_shape, infer_way, mean_ci95, positive_ints
 
 LABELS = ("onehot", "string")
-OPTIMIZERS = ("adam", "rmsprop")
 # instance numbers reported like the paper's Table 1
 REPORTED_INSTANCES = (1, 2, 3, 4, 5, 10)
 
@@ -146,8 +145,6 @@ class MANN(MetaLearner):
         labels: str = "onehot",
         string_length: PositiveInt = 5,
         string_chars: PositiveInt = 5,
-        optimizer: str = "adam",
-        grad_clip: PositiveFloat | None = None,
     ):
         super().__init__()
         positive_ints(
@@ -161,8 +158,6 @@ class MANN(MetaLearner):
         )
         if labels not in LABELS:
             raise ConfigError(f"algo.labels={labels!r}; choose one of {', '.join(LABELS)}")
-        if optimizer not in OPTIMIZERS:
-            raise ConfigError(f"algo.optimizer={optimizer!r}; choose adam or rmsprop")
         if not 0.0 <= gamma <= 1.0:
             raise ConfigError(f"algo.gamma (usage decay) must be in [0, 1], got {gamma!r}")
         if memory and read_heads > memory_slots:
@@ -178,7 +173,7 @@ class MANN(MetaLearner):
         self.backbone, self.way = backbone, way
         self.use_memory, self.labels = bool(memory), labels
         self.slots, self.width, self.heads = memory_slots, memory_width, read_heads
-        self.gamma, self.optimizer_name, self.grad_clip = float(gamma), optimizer, grad_clip
+        self.gamma = float(gamma)
         self.string_length, self.string_chars = string_length, string_chars
         self.label_dim = way if labels == "onehot" else string_length * string_chars
         features = math.prod(feature_shape(backbone, "MANN"))
@@ -194,33 +189,6 @@ class MANN(MetaLearner):
             nn.init.zeros_(self.strength.weight)
             nn.init.constant_(self.strength.bias, 10.0)
         self.out = nn.Linear(controller_size + read_dim, self.label_dim)
-
-    # -- optimisation ------------------------------------------------------------
-    def configure_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        if self.optimizer_name == "rmsprop":
-            self.optimizer = torch.optim.RMSprop(self.parameters(), lr=lr)
-        else:
-            self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)
-        return self.optimizer
-
-    def optimizer_step(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-            if not self.prepare_update(loss):
-                return
-            if self.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            return
-        loss.backward()
-        if not self.prepare_update(loss):
-            return
-        if self.grad_clip:
-            nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip)
-        self.optimizer.step()
 
     def compile_network(self) -> None:
         """trainer.compile=true: the backbone as for every learner, and the recurrent step,
@@ -416,7 +384,7 @@ class MANN(MetaLearner):
         x, y = shuffled(x, y)  # a fresh order per task
         scores, _ = self.sequence_scores(x, y, way)
         loss = self.sequence_loss(scores, y)
-        self.optimizer_step(loss)
+        self.outer_update(loss)
         correct = (scores.argmax(-1) == y).float().detach()
         metrics = {"loss": loss.detach(), "acc": correct.mean(-1)}
         instance = instance_numbers(y, way)

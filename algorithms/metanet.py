@@ -211,7 +211,7 @@ class MetaNet(MetaLearner):
             )
             task_loss = self.loss(logits, episodes.query_y)
             loss = task_loss + self.repr_weight * repr_loss
-        self.optimizer_step(loss)
+        self.outer_update(loss)
         return {
             "loss": loss.detach(),
             "task_loss": task_loss.detach(),

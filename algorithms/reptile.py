@@ -23,9 +23,11 @@ class Reptile(HeadLearner):
     experiments) on minibatches of `inner_batch` support examples, giving
     phi_i. The outer update is the batched version: theta <- theta +
     epsilon * mean_i (phi_i - theta). It is done by handing theta - mean phi
-    to an SGD optimizer with learning rate epsilon = trainer.lr, so the
-    trainer's schedule anneals epsilon (the paper: linearly from 1 to 0,
-    trainer.schedule=linear).
+    to the outer optimizer as its gradient: conf/algo/reptile.yaml chooses
+    optimizer=sgd, whose step at learning rate epsilon = trainer.lr is exactly
+    that update, and the trainer's schedule anneals epsilon (the paper: linearly
+    from 1 to 0, trainer.schedule=linear). Another optimizer=... gives the
+    variants the paper mentions (e.g. Adam on the difference).
 
     predict fine-tunes a copy on each task's support set for
     `test_inner_steps` and scores the queries with it.
@@ -69,11 +71,6 @@ class Reptile(HeadLearner):
             inner_optimizer,
             inner_batch,
         )
-
-    def configure_optimizer(self, lr: float) -> torch.optim.Optimizer:
-        """The outer step: SGD on theta - mean(phi) with learning rate epsilon = lr."""
-        self.optimizer = torch.optim.SGD(self.parameters(), lr=lr)
-        return self.optimizer
 
     def fine_tune(self, x, y, steps: int, way: int, generator=None) -> dict[str, torch.Tensor]:
         """Weights after `steps` inner steps on (x, y), starting from the module's own.
@@ -147,9 +144,7 @@ class Reptile(HeadLearner):
                 logits = functional_call(self, phi, (qx,))[:, :way].float()
             losses.append(supervised_loss(logits, qy))
             scores.append(task_scores(logits[None], qy[None])[0])
-        self.optimizer.zero_grad(set_to_none=True)
-        for n, p in theta.items():
-            p.grad = deltas[n]
-        if self.prepare_update(torch.stack(losses).mean()):
-            self.optimizer.step()
+        # the update direction theta - mean(phi) as the gradient: with optimizer=sgd at
+        # lr epsilon, theta <- theta + epsilon * (mean(phi) - theta)
+        self.outer_update(torch.stack(losses).mean(), [(theta[n], deltas[n]) for n in theta])
         return {"loss": torch.stack(losses).mean(), metric_name(qy): torch.stack(scores)}

@@ -109,7 +109,7 @@ class Siamese(MetaLearner):
             logits = self.similarity(h[rows, first], h[rows, second]).flatten()  # [B*P]
             targets = same.to(torch.float32).expand(y.shape[0], -1).flatten()
             loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
-        self.optimizer_step(loss)
+        self.outer_update(loss)
         correct = ((logits.detach() > 0) == (targets > 0.5)).float()
         return {"loss": loss.detach(), "acc": correct.view(episodes.batch_size, -1).mean(1)}
 

@@ -4,7 +4,7 @@ Both sides see the same images and do the same optimizer work, so the ratio
 is the learner's own overhead (pairing, prototypes, attention, distances,
 loss, accuracy, Python around them):
 
-metarun:  `Learner(backbone).meta_train_step(episodes)` after `configure_optimizer(1e-3)`,
+metarun:  `Learner(backbone).meta_train_step(episodes)` after an Adam optimizer at 1e-3,
           with the learner's default settings (conf/algo/<name>.yaml).
 baseline: a second copy of the backbone with the same initial weights, one
           forward of the images the learner's step puts through it, already
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,7 +87,7 @@ def make_learner(name: str, device: torch.device) -> nn.Module:
     torch.manual_seed(0)  # the baseline copies these initial weights
     spec = SPECS[name]
     learner = spec.build(spec.backbone()).to(device)
-    learner.configure_optimizer(LR)
+    learner.configure_optimizer(functools.partial(torch.optim.Adam, lr=LR))
     return learner
 
 

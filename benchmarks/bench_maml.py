@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
@@ -124,7 +125,7 @@ def sides(way, steps, device):
     for batched in ("auto", "loop", "vmap", "threads"):
         learner = copy.deepcopy(reference)
         learner.batched = batched
-        learner.to(device).configure_optimizer(1e-3)
+        learner.to(device).configure_optimizer(functools.partial(torch.optim.Adam, lr=1e-3))
         out[batched] = (learner, lambda ep, m=learner: m.meta_train_step(ep))
     model = Model(way)
     with torch.no_grad():  # the same weights; module indices differ (no ChannelsLast layer)
@@ -223,7 +224,7 @@ def memory_probe(algo: str, steps: int, device: torch.device) -> float:
         learner = MAML(conv4(variant="strided"), way, inner_steps=steps, batched="loop")
     else:
         learner = IMAML(conv4(variant="strided"), way, inner_steps=steps, cg_steps=5)
-    learner.to(device).configure_optimizer(1e-3)
+    learner.to(device).configure_optimizer(functools.partial(torch.optim.Adam, lr=1e-3))
     ep = episodes(way, shot, query, batch, device)
     if device.type == "cuda":
         synchronize(device)

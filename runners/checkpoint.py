@@ -166,12 +166,13 @@ def targets_in(node) -> list:
 
 @functools.lru_cache(maxsize=1)
 def known_targets() -> frozenset[str]:
-    """Every `_target_` in the algo, backbone and data configs installed with metarun."""
+    """Every `_target_` in the algo, backbone, data and optimizer configs installed with
+    metarun."""
     import metarun.conf
 
     root = Path(metarun.conf.__file__).parent
     found = set()
-    for group in ("algo", "backbone", "data"):
+    for group in ("algo", "backbone", "data", "optimizer"):
         for file in root.glob(f"{group}/*.yaml"):
             found.update(targets_in(yaml.safe_load(file.read_text()) or {}))
     return frozenset(found)

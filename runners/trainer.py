@@ -21,7 +21,7 @@ from metarun.algorithms.base import NonFiniteLoss
 from metarun.data.episodes import fixed_episodes
 from metarun.errors import CheckpointError, ConfigError, StoppedError
 from metarun.runners import checkpoint, distributed
-from metarun.runners.build import build_learner, build_stores, train_sampler
+from metarun.runners.build import build_learner, build_stores, instantiate_clean, train_sampler
 from metarun.runners.evaluate import evaluate, higher_is_better
 from metarun.runners.files import FileSystemError, remove_stale_temps
 from metarun.runners.logging import NullLogger, Progress, RunLogger
@@ -74,10 +74,11 @@ class Trainer:
         self.learner = build_learner(cfg).to(device)
         self.learner.set_precision(cfg.trainer.amp)
         self.learner.nan_policy = cfg.trainer.get("nan_policy", "stop")
+        self.learner.grad_clip = cfg.trainer.get("grad_clip")
         if cfg.trainer.get("compile"):
             check_compiler(device)
             self.learner.compile_network()
-        self.learner.configure_optimizer(cfg.trainer.lr)
+        self.learner.configure_optimizer(instantiate_clean(cfg.optimizer))
         tc = cfg.trainer
         self.schedule = lr_schedule(
             self.learner.optimizer,

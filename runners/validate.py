@@ -135,6 +135,7 @@ KNOBS: dict[str, Check] = {
     "trainer.log_every": integer(1),
     "trainer.ckpt_every": integer(1),
     "trainer.keep_last": integer(1),
+    "trainer.grad_clip": number(0, lo_open=True, optional=True),
     "trainer.nan_policy": choice(*NAN_POLICIES),
     "trainer.amp": choice("off", "bf16", "fp16"),
     "trainer.compile": boolean,
@@ -148,7 +149,7 @@ KNOBS: dict[str, Check] = {
     "paths.if_exists": choice("refuse", "new"),
 }
 # nodes whose keys are the callables' parameters (checked from their signatures), or free
-GROUPS = ("algo", "backbone", "data", "logger")
+GROUPS = ("algo", "backbone", "data", "logger", "optimizer")
 LOGGER: dict[str, Check] = {
     "name": choice("none", "wandb"),
     "project": text(),
@@ -280,7 +281,7 @@ def check_group(group: str, node: dict) -> list[str]:
     errors = []
     for key, value in node.items():
         name = f"{group}.{key}"
-        if key == "_target_":
+        if key in ("_target_", "_partial_"):
             continue
         if key in DESCRIPTIVE.get(group, ()) and key not in params:
             if group == "data" and key in DATA_DESCRIPTIVE:
@@ -288,7 +289,7 @@ def check_group(group: str, node: dict) -> list[str]:
             continue
         if key not in params:
             if not takes_any:
-                known = [p for p in params if p not in ("self", "backbone", "split")]
+                known = [p for p in params if p not in ("self", "backbone", "split", "params")]
                 errors.append(
                     f"{name} is not a setting of {node['_target_'].rsplit('.', 1)[-1]} "
                     f"({group}={node.get('name', '?')}); its settings: {', '.join(known)}"
@@ -377,7 +378,7 @@ def validate(cfg: DictConfig) -> None:
         report(errors)
         return
     errors += check_classes(plain)
-    for group in ("algo", "backbone", "data"):
+    for group in ("algo", "backbone", "data", "optimizer"):
         errors += check_group(group, plain.get(group) or {})
     errors += check_logger(plain.get("logger") or {})
     report(errors)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -38,6 +39,28 @@ def learner_class(name: str) -> type:
     from hydra.utils import get_class
 
     return get_class(compose_with(f"algo={name}").algo._target_)
+
+
+def configure(learner, lr: float):
+    """Give `learner` the outer optimizer that its conf/algo yaml chooses (conf/optimizer/;
+    Adam unless the yaml overrides it, e.g. Reptile's SGD) at learning rate `lr`, as the
+    trainer would; Adam for a learner that no yaml builds."""
+    import functools
+
+    import torch
+    from hydra.utils import instantiate
+
+    target = f"{type(learner).__module__}.{type(learner).__qualname__}"
+    name = next((n for n in ALGOS if algo_target(n) == target), None)
+    if name is None:
+        return learner.configure_optimizer(functools.partial(torch.optim.Adam, lr=lr))
+    cfg = compose_with(f"algo={name}", f"trainer.lr={lr}")
+    return learner.configure_optimizer(instantiate(cfg.optimizer, _convert_="all"))
+
+
+@functools.cache
+def algo_target(name: str) -> str:
+    return compose_with(f"algo={name}").algo._target_
 
 
 def compose_with(*overrides: str):
@@ -126,7 +149,7 @@ def regression_run(learner, steps: int, lr: float, meta_batch: int = 4):
 def train_and_score(learner, sampler, episodes, steps: int, lr: float, meta_batch: int):
     from metarun.runners.evaluate import evaluate
 
-    learner.configure_optimizer(lr)
+    configure(learner, lr)
     before = evaluate(learner, episodes)
     losses = [
         float(learner.meta_train_step(sampler.sample(meta_batch))["loss"]) for _ in range(steps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import configure
 
 from metarun.algorithms import Siamese, conv4, koch_siamese
 from metarun.data import ConfigError
@@ -96,7 +97,7 @@ def test_every_learner_family_runs_on_resnet12():
         ProtoNet(resnet12(3, (4, 4, 8, 8), image_size=16)),
         MAML(resnet12(3, (4, 4, 8, 8), image_size=16), way=3, inner_lr=0.1),
     ):
-        learner.configure_optimizer(1e-3)
+        configure(learner, 1e-3)
         metrics = learner.meta_train_step(ep)
         assert torch.isfinite(metrics["loss"])
 
@@ -117,7 +118,7 @@ def test_every_learner_trains_and_predicts_on_resnet12(algo):
     )
     torch.manual_seed(0)
     learner = build_learner(cfg)
-    learner.configure_optimizer(1e-3)
+    configure(learner, 1e-3)
     ep = Episodes(
         torch.rand(2, 5, 1, 16, 16),
         torch.arange(5).repeat(2, 1),

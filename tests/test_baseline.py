@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, compose_with, run_cli
+from conftest import FAST, compose_with, configure, run_cli
 
 from metarun.algorithms import conv4
 from metarun.algorithms.baseline import Baseline
@@ -145,7 +145,7 @@ def test_pretraining_on_all_classes_learns_on_synthetic_glyphs(classifier):
     torch.manual_seed(0)
     store = synthetic("train")
     learner = Baseline(conv4(), num_classes=store.num_classes, classifier=classifier)
-    learner.configure_optimizer(1e-3)
+    configure(learner, 1e-3)
     sampler = ImageBatchSampler(store, seed=0)
     episodes = FixedEpisodes(synthetic("test"), 100, 5, 1, 5, seed=0)
     before = evaluate(learner, episodes)

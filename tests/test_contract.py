@@ -9,7 +9,7 @@ import functools
 
 import pytest
 import torch
-from conftest import ALGOS, SMALL, compose_with
+from conftest import ALGOS, SMALL, compose_with, configure
 
 from metarun.data.episodes import FixedEpisodes
 from metarun.data.synthetic import synthetic
@@ -101,7 +101,7 @@ def test_fewer_classes_than_trained_on(name, trainer):
 @pytest.mark.parametrize("name", ALGOS)
 def test_a_training_step_returns_detached_scalars_and_changes_the_weights(name, trainer):
     learner = copy.deepcopy(trainer.learner)
-    learner.configure_optimizer(1e-3)
+    configure(learner, 1e-3)
     before = weights(learner)
     batch = copy.deepcopy(trainer.sampler).sample(2)
     out = learner.meta_train_step(batch)
@@ -113,9 +113,43 @@ def test_a_training_step_returns_detached_scalars_and_changes_the_weights(name, 
 
 
 @pytest.mark.parametrize("name", ALGOS)
+def test_every_trainable_parameter_gets_a_finite_gradient(name, trainer):
+    """The outer update reaches every weight the optimizer holds (a weight without a
+    gradient is dead code, or a learner that bypassed the base update path)."""
+    learner = copy.deepcopy(trainer.learner)
+    configure(learner, 1e-3)
+    learner.meta_train_step(copy.deepcopy(trainer.sampler).sample(2))
+    missing = [n for n, p in learner.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    assert all(torch.isfinite(p.grad).all() for p in learner.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_trainer_grad_clip_bounds_every_learners_update(name, trainer):
+    """Clipping is the base's (MetaLearner.outer_update), so it holds for every learner:
+    the gradient the optimizer stepped with has norm at most trainer.grad_clip."""
+    learner = copy.deepcopy(trainer.learner)
+    configure(learner, 1e-3)
+    batch = copy.deepcopy(trainer.sampler).sample(2)
+    grads = {}
+    for clip in (None, "a tenth"):
+        model = copy.deepcopy(learner)
+        model.grad_clip = None if clip is None else grads[None] / 10
+        torch.manual_seed(0)  # the same step both times (some steps draw pairs or orders)
+        model.meta_train_step(batch)
+        grads[clip] = float(
+            torch.nn.utils.get_total_norm(
+                [p.grad for p in model.parameters() if p.grad is not None]
+            )
+        )
+    assert grads[None] > 0
+    assert grads["a tenth"] <= grads[None] / 10 * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("name", ALGOS)
 def test_the_state_dict_round_trips(name, trainer):
     learner = copy.deepcopy(trainer.learner).eval()
-    learner.configure_optimizer(1e-3)
+    configure(learner, 1e-3)
     learner.meta_train_step(copy.deepcopy(trainer.sampler).sample(2))
     learner.eval()
     other = copy.deepcopy(trainer.learner).eval()

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import configure
 from torch import nn
 
 from metarun.algorithms import MAML, conv4, task_threads
@@ -185,7 +186,7 @@ def test_threads_steps_are_repeatable_and_train_as_the_loop_does(two_threads):
         learner = copy.deepcopy(start).to(dtype)
         learner.batched = batched
         if dtype == torch.float32:
-            learner.configure_optimizer(1e-2)  # Adam, as trained
+            configure(learner, 1e-2)  # Adam, as trained
         else:
             learner.optimizer = torch.optim.SGD(learner.parameters(), lr=1e-2)
         for seed in range(3):
@@ -227,7 +228,7 @@ def test_threads_with_running_statistics_are_refused():
 
 def test_a_failing_task_raises_and_the_thread_count_is_restored(two_threads):
     learner = MAML(conv4(hidden=8, variant="strided"), 3, batched="threads")
-    learner.configure_optimizer(1e-3)
+    configure(learner, 1e-3)
     ep = batch(b=4, dtype=torch.float32)
     ep.query_y[3, 0] = 7  # a label beyond the 3 classes, in the second group's last task
     before = [p.detach().clone() for p in learner.parameters()]

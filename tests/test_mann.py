@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import read_jsonl, run_cli
+from conftest import configure, read_jsonl, run_cli
 
 from metarun.algorithms.backbones import pixels
 from metarun.algorithms.mann import MANN, MemoryState, instance_numbers, least_used
@@ -149,14 +149,14 @@ def test_lstm_only_ablation_has_no_memory():
     m = small(memory=False)
     names = [n for n, _ in m.named_parameters()]
     assert not any(n.startswith(("key", "gate")) for n in names)
-    m.configure_optimizer(1e-3)
+    configure(m, 1e-3)
     metrics = m.meta_train_step(episodes())
     assert torch.isfinite(metrics["loss"]) and "acc_inst2" in metrics
 
 
 def test_meta_train_step_reports_accuracy_by_instance():
     m = small()
-    m.configure_optimizer(1e-3)
+    configure(m, 1e-3)
     metrics = m.meta_train_step(episodes(shot=2, query=3))
     assert {f"acc_inst{k}" for k in range(1, 6)} <= set(metrics)
     assert "acc_inst6" not in metrics  # 5 presentations of each class
@@ -205,7 +205,7 @@ def test_mann_learns_to_bind_labels_second_instance_beats_first():
         read_heads=1,
         key_strength=True,
     )
-    m.configure_optimizer(1e-2)
+    configure(m, 1e-2)
     log = []
     for _ in range(700):
         log.append(m.meta_train_step(bound_sequences(16, 3, 4, 4, g)))
@@ -279,7 +279,7 @@ def test_mann_takes_a_convolutional_embedding():
         memory_width=4,
         read_heads=1,
     )
-    m.configure_optimizer(1e-3)
+    configure(m, 1e-3)
     ep = episodes(side=8)
     before = [p.detach().clone() for p in m.backbone.parameters()]
     metrics = m.meta_train_step(ep)

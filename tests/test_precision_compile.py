@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ALGOS, FAST, SMALL, compose_with, learner_class, run_cli
+from conftest import ALGOS, FAST, SMALL, compose_with, configure, learner_class, run_cli
 
 from metarun.data import EpisodeSampler
 from metarun.data.synthetic import synthetic
@@ -38,7 +38,7 @@ def test_every_learner_takes_a_mixed_precision_step_or_says_why_not(name, amp):
             learner.set_precision(amp)
         return
     learner.set_precision(amp)
-    learner.configure_optimizer(1e-3)
+    configure(learner, 1e-3)
     before = {k: v.detach().clone() for k, v in learner.named_parameters()}
     ep = episodes()
     # fp16: the loss scaler skips the update of a step whose scaled gradients overflow and

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import learning_run
+from conftest import configure, learning_run
 from torch import nn
 
 from metarun.algorithms.imaml import (
@@ -43,7 +43,7 @@ def test_reptile_update_is_the_hand_computed_interpolation():
     learner = Reptile(
         tiny(), way=2, inner_steps=steps, inner_lr=lr, inner_optimizer="sgd", inner_batch=4
     )
-    learner.configure_optimizer(eps)
+    configure(learner, eps)
     ep = episodes()
     theta = {n: p.detach().clone() for n, p in learner.named_parameters()}
     # by hand: full-batch SGD from theta (inner_batch = support size, so order does not matter)
@@ -102,7 +102,7 @@ def test_implicit_gradient_matches_the_closed_form_on_a_quadratic():
 def test_imaml_step_and_predict_run_with_bounded_graph():
     torch.manual_seed(0)
     learner = IMAML(tiny(), way=2, inner_steps=5, cg_steps=3)
-    learner.configure_optimizer(1e-2)
+    configure(learner, 1e-2)
     before = [p.detach().clone() for p in learner.parameters()]
     metrics = learner.meta_train_step(episodes(batch=2))
     assert metrics["acc"].shape == (2,) and not metrics["loss"].requires_grad
@@ -156,7 +156,7 @@ def test_imaml_vmap_and_loop_give_the_same_meta_gradient_and_predictions():
     )
     out = {}
     for name, learner in (("loop", loop), ("vmap", vmap)):
-        learner.configure_optimizer(1e-3)
+        configure(learner, 1e-3)
         metrics = learner.meta_train_step(ep)
         grads = [p.grad.clone() for p in learner.parameters()]
         with torch.no_grad():

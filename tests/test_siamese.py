@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import learning_run
+from conftest import configure, learning_run
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from torch import nn
@@ -92,7 +92,7 @@ def test_distortions_keep_the_shape_and_follow_the_global_seed():
 def test_train_step_with_distortions_returns_detached_metrics():
     torch.manual_seed(0)
     learner = Siamese(conv4(hidden=8), pairs_per_task=6, augment=True)
-    learner.configure_optimizer(1e-3)
+    configure(learner, 1e-3)
     before = learner.head.weight.detach().clone()
     metrics = learner.meta_train_step(labelled_episodes(batch=3, way=5, shot=1, query=2, size=28))
     assert not metrics["loss"].requires_grad and bool(metrics["loss"].isfinite())
@@ -106,7 +106,7 @@ def test_bad_settings_raise_a_config_error():
     with pytest.raises(ConfigError, match="feature_shape"):
         Siamese(nn.Flatten())
     learner = Siamese(conv4(hidden=8))
-    learner.configure_optimizer(1e-3)
+    configure(learner, 1e-3)
     with pytest.raises(ConfigError, match="way >= 2"):
         learner.meta_train_step(labelled_episodes(batch=1, way=1, shot=1, query=2))
 
