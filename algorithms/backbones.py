@@ -121,6 +121,9 @@ def mlp(in_features: PositiveInt = 1, hidden: tuple[PositiveInt, ...] = (40, 40)
     return net
 
 
+mlp.inputs = "vectors"  # it takes feature vectors, not images (checked against the data set)
+
+
 def pixels(in_channels: PositiveInt = 1, image_size: PositiveInt = 28) -> nn.Module:
     """No learned encoder: each image becomes the vector of its pixels, [N, C, H, W] ->
     [N, C*H*W] (MANN's input in Santoro et al. 2016, on 20x20 Omniglot images)."""
@@ -166,7 +169,7 @@ def koch_siamese(
         if side < 1:
             raise ConfigError(
                 f"image_size={image_size} is too small for the Koch et al. encoder; it was "
-                "designed for 105x105 images (data.image_size=105)"
+                "designed for 105x105 images (data.images.size=105)"
             )
         c_in = filters
     fc = nn.Linear(c_in * side * side, features)

@@ -56,7 +56,7 @@ class Baseline(MetaLearner):
     batch.
 
     Departures: the head is fitted on the features of the unaugmented support images (the
-    paper's test-time setting); training images are augmented only with data.augment.
+    paper's test-time setting); training images are augmented only with trainer.augment.
     """
 
     trains_on = "images"
@@ -78,7 +78,7 @@ class Baseline(MetaLearner):
         super().__init__()
         if num_classes is None:
             raise ConfigError(
-                "algo.num_classes is unset: the trainer sets it to the number of training "
+                "algo.num_classes is unset: the trainer passes the number of training "
                 "classes; outside the trainer pass the number of classes the classifier covers"
             )
         if classifier not in CLASSIFIERS:

@@ -27,7 +27,8 @@ from metarun.errors import DataError
 
 from . import safe_pickle
 from .download import download_root, fetch
-from .params import PositiveInt, Rotations
+from .images import RGB_32, Preprocess
+from .params import Rotations
 from .store import ClassStore, cached_store, check_counts, check_split_args, file_stamp, resize
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -71,11 +72,11 @@ def cifar_fs(
     split: str = "train",
     *,
     download: bool = True,
-    image_size: PositiveInt = 32,
+    images: Preprocess = RGB_32,
     rotations: Rotations = 1,
 ) -> ClassStore:
     """One CIFAR-FS split (64 / 16 / 20 classes)."""
-    store, _ = _check_and_load(root, split, download, image_size)
+    store, _ = _check_and_load(root, split, download, images.fixed("cifarfs", channels=3))
     return _select(store, [store.names.index(n) for n in CIFAR_FS[split]], rotations)
 
 
@@ -84,11 +85,11 @@ def fc100(
     split: str = "train",
     *,
     download: bool = True,
-    image_size: PositiveInt = 32,
+    images: Preprocess = RGB_32,
     rotations: Rotations = 1,
 ) -> ClassStore:
     """One FC100 split (superclasses 12 / 4 / 4: 60 / 20 / 20 classes)."""
-    store, coarse = _check_and_load(root, split, download, image_size)
+    store, coarse = _check_and_load(root, split, download, images.fixed("fc100", channels=3))
     keep = set(FC100[split])
     return _select(store, [i for i, c in enumerate(coarse) if c in keep], rotations)
 

@@ -24,8 +24,8 @@ import torch
 
 from metarun.errors import DataError, summarise
 
-from .images import Preprocess, decode_image, image_folders, is_image
-from .params import PositiveInt, Rotations
+from .images import RGB_84, Preprocess, decode_image, image_folders, is_image
+from .params import Rotations
 from .store import ClassStore, cached_store, check_split_args, file_stamp, require_root
 
 TARBALL, FOLDER = "CUB_200_2011.tgz", "CUB_200_2011"
@@ -49,10 +49,11 @@ def cub(
     root: str | os.PathLike | None = None,
     split: str = "train",
     *,
-    image_size: PositiveInt = 84,
+    images: Preprocess = RGB_84,
     rotations: Rotations = 1,
 ) -> ClassStore:
     """One split of CUB-200-2011 (100 / 50 / 50 classes)."""
+    image_size = images.fixed("cub", channels=3)
     check_split_args(split, image_size, rotations)
     base = require_root(root, "cub", WHERE)
     folder, tarball = base / FOLDER / "images", base / TARBALL

@@ -134,7 +134,7 @@ AUGMENTATIONS = (*PER_IMAGE, "mirror")
 def train_augmentation(
     augment: str | Sequence[str] | None, generator: torch.Generator, episodes: bool = True
 ):
-    """data.augment as a function of float images [..., C, H, W] drawing from `generator`
+    """trainer.augment as a function of float images [..., C, H, W] drawing from `generator`
     (None: no augmentation); a ConfigError for an unknown name.
 
     augment: one name or several (a list, or names joined by "+"), applied in this order:
@@ -152,9 +152,9 @@ def train_augmentation(
             )
     if "mirror" in names and not episodes:
         raise ConfigError(
-            "data.augment=mirror turns a class into a new one (its mirror image), which needs "
+            "trainer.augment=mirror turns a class into a new one (its mirror image), which needs "
             "episodes with their own labels; this learner trains on plain labelled batches: "
-            "use data.augment=shift or affine"
+            "use trainer.augment=shift or affine"
         )
     per_image = [
         partial(fn, generator=generator) for name, fn in PER_IMAGE.items() if name in names

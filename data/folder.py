@@ -27,8 +27,8 @@ import torch
 
 from metarun.errors import ConfigError, DataError, summarise
 
-from .images import Preprocess, decode_image, image_folders, is_image, scan_folder
-from .params import NonNegativeInt, PositiveInt, Rotations
+from .images import RGB_84, Preprocess, decode_image, image_folders, is_image, scan_folder
+from .params import NonNegativeInt, Rotations
 from .store import SPLITS, ClassStore, cached_store, check_split_args, file_stamp
 
 LAYOUT = "root/<class name>/<image files>"
@@ -38,18 +38,14 @@ def folder(
     root: str | os.PathLike | None = None,
     split: str = "train",
     *,
-    image_size: PositiveInt = 84,
-    channels: int = 3,
-    invert: bool = False,
+    images: Preprocess = RGB_84,
     ratios: Sequence[float] = (0.64, 0.16, 0.20),
     split_files: Mapping[str, str] | None = None,
     seed: NonNegativeInt = 0,
     rotations: Rotations = 1,
 ) -> ClassStore:
     """One split of the class folders under `root` (see the module docstring)."""
-    check_split_args(split, image_size, rotations)
-    if channels not in (1, 3):
-        raise ConfigError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {channels!r}")
+    check_split_args(split, images.size, rotations)
     base = resolve_root(root)
     classes = class_folders(base)
     names = (
@@ -58,7 +54,7 @@ def folder(
         else split_by_ratios(sorted(classes), ratios, seed)[split]
     )
     files = {name: classes[name] for name in names}
-    prep = Preprocess(size=image_size, channels=channels, invert=bool(invert))
+    prep = images
     key = {
         "root": str(base.resolve()),
         "split": split,

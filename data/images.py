@@ -17,12 +17,15 @@ import os
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from metarun.errors import DataError, summarise
+from metarun.errors import ConfigError, DataError, summarise
+
+from .params import PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +34,50 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How a raw image file becomes a stored uint8 tensor [C, H, W]."""
+    """How a raw image file becomes a stored uint8 tensor [C, H, W]: the `images` sub-node
+    of every image data set's config (its size, channels and ink), which the loaders take,
+    the backbones read (`${data.images.channels}`) and mode=predict applies to new files."""
 
-    size: int = 28
-    channels: int = 1
+    size: PositiveInt = 28
+    channels: Literal[1, 3] = 1
     invert: bool = False  # Omniglot: dark strokes on white -> strokes = 255
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
+            raise ConfigError(f"data.images.size must be a positive integer, got {self.size!r}")
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            raise ConfigError(
+                f"data.images.channels must be 1 (grayscale) or 3 (RGB), got {self.channels!r}"
+            )
+        if not isinstance(self.invert, bool):
+            raise ConfigError(f"data.images.invert must be true or false, got {self.invert!r}")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def fixed(self, data: str, channels: int, invert: bool = False) -> int:
+        """For a data set whose images have a format of their own (Omniglot: grayscale,
+        inverted): the decode size, or a ConfigError when another format is asked."""
+        for key, have, want in (
+            ("channels", self.channels, channels),
+            ("invert", self.invert, invert),
+        ):
+            if have != want:
+                raise ConfigError(
+                    f"data={data} images are {'grayscale' if channels == 1 else 'RGB'}"
+                    f"{', inverted' if invert else ''}: data.images.{key} must be "
+                    f"{str(want).lower()}, got {str(have).lower()} (data=folder decodes any format)"
+                )
+        return self.size
+
     def __call__(self, source: str | Path | bytes, name: str | None = None) -> torch.Tensor:
         return decode_image(source, self, name=name)
+
+
+# the formats the loaders default to (frozen, so shared defaults are safe)
+INK_28 = Preprocess(28, channels=1, invert=True)  # Omniglot-like: white strokes on black
+RGB_84 = Preprocess(84, channels=3)
+RGB_32 = Preprocess(32, channels=3)
 
 
 def decode_image(

@@ -32,8 +32,8 @@ import torch
 from metarun.errors import DataError, summarise
 
 from . import safe_pickle
-from .images import Preprocess, decode_image, entry_kind
-from .params import PositiveInt, Rotations
+from .images import RGB_84, Preprocess, decode_image, entry_kind
+from .params import Rotations
 from .store import (
     ClassStore,
     cached_store,
@@ -59,10 +59,11 @@ def miniimagenet(
     root: str | os.PathLike | None = None,
     split: str = "train",
     *,
-    image_size: PositiveInt = 84,
+    images: Preprocess = RGB_84,
     rotations: Rotations = 1,
 ) -> ClassStore:
     """One split of miniImageNet from `root` (see the module docstring for the forms)."""
+    image_size = images.fixed("miniimagenet", channels=3)
     check_split_args(split, image_size, rotations)
     base = require_root(root, "miniimagenet", FORMS)
     if not base.is_dir():

@@ -29,8 +29,8 @@ import torch
 from metarun.errors import ConfigError, DataError, summarise
 
 from .download import download_root, fetch
-from .images import Preprocess, decode_image, list_folders, list_images
-from .params import NonNegativeInt, PositiveInt, Rotations
+from .images import INK_28, Preprocess, decode_image, list_folders, list_images
+from .params import NonNegativeInt, Rotations
 from .store import (
     SPLITS,
     ClassStore,
@@ -143,7 +143,7 @@ def omniglot(
     *,
     download: bool = True,
     rotations: Rotations = 4,
-    image_size: PositiveInt = 28,
+    images: Preprocess = INK_28,
     split_by: str = "alphabet",
     val_alphabets: Sequence[str] = DEFAULT_VAL_ALPHABETS,
     character_split: Sequence[NonNegativeInt] = (1100, 100, 423),
@@ -156,6 +156,7 @@ def omniglot(
     split_by="character": all characters of both archives, shuffled by `seed`,
     cut into `character_split` = (n_train, n_val, n_test) characters.
     """
+    image_size = images.fixed("omniglot", channels=1, invert=True)
     check_split_args(split, image_size, rotations)
     _check_choice("split_by", split_by, SPLIT_BY)
     folder = download_root(root)
@@ -182,12 +183,13 @@ def omniglot_small(
     *,
     download: bool = True,
     rotations: Rotations = 4,
-    image_size: PositiveInt = 28,
+    images: Preprocess = INK_28,
 ) -> ClassStore:
     """One split of the two official small background sets (8 alphabets, 242 characters).
 
     Greek and Latin are in both archives with identical files and count once.
     """
+    image_size = images.fixed("omniglot_small", channels=1, invert=True)
     check_split_args(split, image_size, rotations)
     store = _union(_load(download_root(root), SMALL_ARCHIVES, download, image_size))
     keep = set(SMALL_SPLITS[split])

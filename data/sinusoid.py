@@ -75,6 +75,12 @@ def sinusoid(
     return SinusoidTasks(split, *(tuple(float(b) for b in r) for r in ranges.values()))
 
 
+# what the data set is, read by the config checks without building it (runners/validate.py):
+# float targets scored by MSE, and vectors rather than images as inputs
+sinusoid.task = "regression"
+sinusoid.inputs = "vectors"
+
+
 def check_regression_shape(way: int, shot: int, query: int) -> None:
     for name, value in (("shot", shot), ("query", query)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

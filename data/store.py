@@ -40,7 +40,7 @@ def check_split_args(split: str, image_size: int, rotations: int = 1) -> None:
     if rotations not in (1, 2, 4):
         raise ConfigError(f"rotations must be 1, 2 or 4, got {rotations!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"data.image_size must be a positive integer, got {image_size!r}")
+        raise ConfigError(f"data.images.size must be a positive integer, got {image_size!r}")
 
 
 def require_root(root, data: str, holding: str) -> Path:

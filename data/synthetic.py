@@ -14,6 +14,7 @@ import torch
 
 from metarun.errors import ConfigError
 
+from .images import INK_28, Preprocess
 from .params import NonNegativeInt, PositiveInt, Rotations
 from .store import ClassStore, cached_store
 
@@ -26,7 +27,7 @@ def synthetic(
     *,
     classes: tuple[PositiveInt, PositiveInt, PositiveInt] = (200, 50, 50),
     samples: PositiveInt = 20,
-    image_size: PositiveInt = 28,
+    images: Preprocess = INK_28,
     seed: NonNegativeInt = 0,
     rotations: Rotations = 1,
 ) -> ClassStore:
@@ -37,6 +38,8 @@ def synthetic(
     """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    # drawn as white ink on black, as an inverted scan (mode=predict inverts files likewise)
+    image_size = images.fixed("synthetic", channels=1, invert=True)
     classes = tuple(int(c) for c in classes)
     if len(classes) != 3 or min(classes) < 1 or samples < 1:
         raise ConfigError(

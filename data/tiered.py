@@ -38,8 +38,8 @@ import torch
 from metarun.errors import DataError, summarise
 
 from . import safe_pickle
-from .images import Preprocess, decode_image, image_folders
-from .params import PositiveInt, Rotations
+from .images import RGB_84, Preprocess, decode_image, image_folders
+from .params import Rotations
 from .store import (
     ClassStore,
     cache_dir,
@@ -66,10 +66,11 @@ def tiered_imagenet(
     root: str | os.PathLike | None = None,
     split: str = "train",
     *,
-    image_size: PositiveInt = 84,
+    images: Preprocess = RGB_84,
     rotations: Rotations = 1,
 ) -> ClassStore:
     """One split of tieredImageNet, memory-mapped from the decoded cache."""
+    image_size = images.fixed("tieredimagenet", channels=3)
     check_split_args(split, image_size, rotations)
     base = require_root(root, "tieredimagenet", FORMS)
     png, npz = base / f"{split}_images_png.pkl", base / f"{split}_images.npz"

@@ -6,7 +6,6 @@ an algorithm's or data set's name.
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
@@ -20,9 +19,6 @@ from metarun.data.images import Preprocess
 from metarun.data.store import ClassStore
 from metarun.errors import ConfigError, MetarunError
 
-# keys of a data config that describe the images rather than configure the loader
-DATA_META_KEYS = ("name", "channels", "invert", "augment", "task", "inputs", "input_dim")
-BACKBONE_META_KEYS = ("name", "inputs")
 SPLITS = ("train", "val", "test")
 
 
@@ -74,31 +70,63 @@ def instantiate_clean(node: dict, **kwargs):
 
 
 def build_store(data_cfg: DictConfig, split: str) -> ClassStore:
-    """Decode (or load from the cache) one split of the configured data set. Descriptive
-    keys (channels, invert, ...) go to the loader too when it takes them (data=folder
-    decodes with them; Omniglot's are fixed)."""
-    try:
-        takes = set(inspect.signature(get_method(data_cfg._target_)).parameters)
-    except Exception:  # an unknown target fails below, with Hydra's own message
-        takes = set()
-    return instantiate_clean(
-        without(data_cfg, [k for k in DATA_META_KEYS if k not in takes]), split=split
-    )
+    """Decode (or load from the cache) one split of the configured data set: the data
+    node is the loader's call (its `images` sub-node the Preprocess it decodes with)."""
+    return instantiate_clean(data_cfg, split=split)
 
 
 def build_stores(data_cfg: DictConfig, splits=SPLITS) -> dict[str, ClassStore]:
     return {split: build_store(data_cfg, split) for split in splits}
 
 
-def without(node: DictConfig, keys) -> dict:
-    """A config node as a plain dict, resolved, minus descriptive keys."""
-    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in keys}
+def build_learner(cfg: DictConfig, **from_data) -> MetaLearner:
+    """The configured algorithm around the configured backbone: each node is exactly the
+    call it makes; `from_data` are the arguments the training data supplies (see
+    data_arguments), which a checkpoint records beside its config."""
+    return instantiate_clean(cfg.algo, backbone=instantiate_clean(cfg.backbone), **from_data)
 
 
-def build_learner(cfg: DictConfig) -> MetaLearner:
-    """The configured algorithm around the configured backbone."""
-    backbone = instantiate_clean(without(cfg.backbone, BACKBONE_META_KEYS))
-    return instantiate_clean(without(cfg.algo, ("name",)), backbone=backbone)
+def data_arguments(cfg: DictConfig, train_store) -> dict:
+    """Constructor arguments that come from the training data rather than the config: a
+    learner pretrained over all training classes (`trains_on = "images"`, e.g. Baseline)
+    gets num_classes from the training split when algo.num_classes is null; a set value
+    must cover every training class. The config itself is never rewritten."""
+    if getattr(learner_class(cfg), "trains_on", "episodes") != "images":
+        return {}
+    have, need = OmegaConf.select(cfg, "algo.num_classes"), train_store.num_classes
+    if have is None:
+        return {"num_classes": need}
+    if have < need:
+        raise ConfigError(
+            f"algo.num_classes={have} but the training split has {need} classes; leave "
+            "algo.num_classes unset (null) and it is taken from the data"
+        )
+    return {}
+
+
+# the groups whose option changes what is computed; the CLI records which option of each a
+# run uses (Hydra's runtime choices) in the config's `choices`
+NAMED_GROUPS = ("algo", "backbone", "data", "optimizer")
+
+
+def choice(cfg: DictConfig, group: str) -> str:
+    """Which option of `group` the run uses (e.g. "maml" for algo): Hydra's runtime choice,
+    recorded by the CLI in cfg.choices; for a config composed otherwise (the compose API in
+    tests and notebooks), the last part of the node's _target_."""
+    named = OmegaConf.select(cfg, f"choices.{group}")
+    if named:
+        return str(named)
+    target = OmegaConf.select(cfg, f"{group}._target_")
+    return str(target).rsplit(".", 1)[-1] if target else "?"
+
+
+def describes(node, key: str, default):
+    """What a data set or backbone declares about itself on its callable (e.g. sinusoid's
+    task = "regression", mlp's inputs = "vectors"), read without building it."""
+    try:
+        return getattr(get_method(node["_target_"]), key, default)
+    except Exception:  # an unknown target fails at build time, with Hydra's own message
+        return default
 
 
 def learner_class(cfg: DictConfig) -> type | None:
@@ -138,9 +166,8 @@ def learners_that(flag: str) -> list[str]:
 def train_sampler(cfg: DictConfig, store, device):
     """What the trainer draws each step: random episodes (way, shot, query), or, for
     learners that pretrain a classifier over all training classes (`trains_on = "images"`,
-    e.g. Baseline), mini-batches of images labelled by global class id. For the latter,
-    algo.num_classes is set here from the data (it must cover every training class)."""
-    augment = cfg.data.get("augment")
+    e.g. Baseline), mini-batches of images labelled by global class id."""
+    augment = cfg.trainer.get("augment")
     if getattr(learner_class(cfg), "trains_on", "episodes") != "images":
         return episode_sampler(
             store,
@@ -152,20 +179,14 @@ def train_sampler(cfg: DictConfig, store, device):
             split="train",
             augment=augment,
         )
-    sampler = ImageBatchSampler(store, device, seed=cfg.seed, augment=augment)
-    have, need = OmegaConf.select(cfg, "algo.num_classes"), store.num_classes
-    if have is None:
-        OmegaConf.update(cfg, "algo.num_classes", need, force_add=True)
-    elif have < need:
-        raise ConfigError(
-            f"algo.num_classes={have} but the training split has {need} classes; leave "
-            "algo.num_classes unset (null) and it is taken from the data"
-        )
-    return sampler
+    return ImageBatchSampler(store, device, seed=cfg.seed, augment=augment)
 
 
 def preprocess_of(data_cfg: DictConfig) -> Preprocess:
-    """How raw image files must be turned into this data set's tensors."""
+    """How raw image files must be turned into this data set's tensors: its `images` node
+    (checkpoints written before that node: the data node's image_size, channels, invert)."""
+    if "images" in data_cfg:
+        return instantiate_clean(data_cfg.images)
     return Preprocess(
         size=int(data_cfg.image_size), channels=int(data_cfg.channels), invert=bool(data_cfg.invert)
     )

@@ -244,7 +244,9 @@ def load_learner(ckpt: str | Path, device: str = "cpu", trust: bool = False):
     """
     state = ckpt if isinstance(ckpt, dict) else load(ckpt, trust=trust)
     cfg = OmegaConf.create(state["config"])
-    learner = build_learner(cfg)
+    # arguments the training data supplied (Baseline's num_classes); checkpoints written
+    # before they were recorded apart carry them in the config
+    learner = build_learner(cfg, **state.get("from_data", {}))
     try:
         learner.load_state_dict(state["model"])
     except RuntimeError as err:

@@ -19,11 +19,11 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metarun.errors import ConfigError, MetarunError, StoppedError
 from metarun.runners import checkpoint, distributed, rundir
-from metarun.runners.build import build_store, configure_tf32, resolve_device
+from metarun.runners.build import NAMED_GROUPS, build_store, configure_tf32, resolve_device
 from metarun.runners.files import os_error, write_text_atomic
 from metarun.runners.logging import RunLogger
 from metarun.runners.results import score
@@ -211,6 +211,7 @@ def app(cfg: DictConfig):
             try:
                 if multirun and distributed.is_main():
                     rundir.take_job_folder(run_dir, rundir.requeued(run_dir))
+                record_choices(cfg)
                 validate(cfg)
                 configure_tf32(cfg.get("tf32", False))
                 if distributed.launched() and cfg.mode != "train":
@@ -229,6 +230,15 @@ def app(cfg: DictConfig):
     finally:
         close_extra_logs()
         rundir.release(run_dir)
+
+
+def record_choices(cfg: DictConfig) -> None:
+    """cfg.choices: which option of each group that changes the computation this run
+    uses (Hydra's runtime choices, e.g. algo: maml even when a preset chose it), so that
+    results, run names and checkpoints name the learner without a key in its node."""
+    chosen = HydraConfig.get().runtime.choices
+    with open_dict(cfg):
+        cfg.choices = {group: chosen.get(group) for group in NAMED_GROUPS}
 
 
 def interrupted(stop: Interrupted, cfg: DictConfig, run_dir: Path) -> StoppedError:

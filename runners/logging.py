@@ -10,6 +10,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from metarun.runners.build import choice
+
 log = logging.getLogger("metarun")
 
 
@@ -213,7 +215,7 @@ def run_name(cfg: DictConfig, job_type: str) -> str:
     """<preset> or <algo>-<data>-<way>w<shot>s-seed<seed> (test runs: their test shape)."""
     preset = hydra_choice("experiment")
     base = preset or (
-        f"{cfg.algo.name}-{cfg.data.name}-{cfg.eval.way}w{cfg.eval.shot}s-seed{cfg.seed}"
+        f"{choice(cfg, 'algo')}-{choice(cfg, 'data')}-{cfg.eval.way}w{cfg.eval.shot}s-seed{cfg.seed}"
     )
     return base if job_type == "train" else f"{base}-{job_type}"
 
@@ -277,8 +279,8 @@ def episode_grid(episodes, max_classes: int = 10, max_query: int = 5):
 def run_tags(cfg: DictConfig) -> list[str]:
     """Tags to filter a dashboard by: learner, data set and the test episode shape."""
     return [
-        f"algo:{cfg.algo.name}",
-        f"data:{cfg.data.name}",
+        f"algo:{choice(cfg, 'algo')}",
+        f"data:{choice(cfg, 'data')}",
         f"{cfg.eval.way}-way",
         f"{cfg.eval.shot}-shot",
     ]

@@ -10,15 +10,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from metarun.runners.build import choice
 from metarun.runners.evaluate import evaluate
 from metarun.runners.files import write_text_atomic
 
 log = logging.getLogger("metarun")
 
 EPISODES_FILE = "test_episodes.csv"
-# data settings that say where the data is, or change training images only: not part of
+# data settings that say where the data is: not part of
 # what defines the test episodes
-NOT_EPISODE_DEFINING = ("root", "download", "augment")
+NOT_EPISODE_DEFINING = ("root", "download")
 
 
 def episode_set(cfg: DictConfig, n: int) -> dict:
@@ -26,7 +27,7 @@ def episode_set(cfg: DictConfig, n: int) -> dict:
     same episodes (metarun report pairs them)."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     return {
-        "data": cfg.data.name,
+        "data": choice(cfg, "data"),
         "split": "test",
         "way": cfg.eval.way,
         "shot": cfg.eval.shot,
@@ -55,8 +56,8 @@ def results_record(cfg: DictConfig, result: dict, **extra) -> dict:
         "way": cfg.eval.way,
         "shot": cfg.eval.shot,
         "query": cfg.eval.query,
-        "algo": cfg.algo.name,
-        "data": cfg.data.name,
+        "algo": choice(cfg, "algo"),
+        "data": choice(cfg, "data"),
         **({"paper": paper} if paper else {}),
         **extra,
     }

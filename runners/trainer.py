@@ -21,7 +21,14 @@ from metarun.algorithms.base import NonFiniteLoss
 from metarun.data.episodes import fixed_episodes
 from metarun.errors import CheckpointError, ConfigError, StoppedError
 from metarun.runners import checkpoint, distributed
-from metarun.runners.build import build_learner, build_stores, instantiate_clean, train_sampler
+from metarun.runners.build import (
+    build_learner,
+    build_stores,
+    choice,
+    data_arguments,
+    instantiate_clean,
+    train_sampler,
+)
 from metarun.runners.evaluate import evaluate, higher_is_better
 from metarun.runners.files import FileSystemError, remove_stale_temps
 from metarun.runners.logging import NullLogger, Progress, RunLogger
@@ -71,7 +78,8 @@ class Trainer:
         self.val = eval_episodes(cfg, stores["val"], cfg.trainer.val_episodes, device, "val")
         self.test_episodes = eval_episodes(cfg, stores["test"], cfg.eval.episodes, device, "test")
         torch.manual_seed(cfg.seed)
-        self.learner = build_learner(cfg).to(device)
+        self.from_data = data_arguments(cfg, stores["train"])  # e.g. Baseline's num_classes
+        self.learner = build_learner(cfg, **self.from_data).to(device)
         self.learner.set_precision(cfg.trainer.amp)
         self.learner.nan_policy = cfg.trainer.get("nan_policy", "stop")
         self.learner.grad_clip = cfg.trainer.get("grad_clip")
@@ -127,6 +135,7 @@ class Trainer:
             "wandb_id": self.wandb_id,
             "wandb_group": self.wandb_group,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "from_data": self.from_data,
         }
 
     def restore(self, path: str | Path) -> list:
@@ -262,9 +271,9 @@ class Trainer:
 
     def episode_caption(self) -> str:
         c = self.cfg
-        augment = c.data.get("augment") or "none"
+        augment = c.trainer.get("augment") or "none"
         return (
-            f"the first training task ({c.way}-way {c.shot}-shot, data={c.data.name}, "
+            f"the first training task ({c.way}-way {c.shot}-shot, data={choice(c, 'data')}, "
             f"augment={augment}): one row per class, support | query, as the learner sees it"
         )
 

@@ -23,7 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 from metarun.algorithms.base import NAN_POLICIES
 from metarun.data.params import Range, finite_number
 from metarun.errors import ConfigError
-from metarun.runners.build import learner_class, learners_that
+from metarun.runners.build import choice as chosen
+from metarun.runners.build import describes, learner_class, learners_that
 
 MODES = ("train", "test", "predict")
 SEED_MAX = 2**63 - 1
@@ -136,6 +137,10 @@ KNOBS: dict[str, Check] = {
     "trainer.ckpt_every": integer(1),
     "trainer.keep_last": integer(1),
     "trainer.grad_clip": number(0, lo_open=True, optional=True),
+    # null, or augmentations joined by '+': checked against the known ones when the
+    # sampler is built (data/episodes.py)
+    "trainer.augment": text(optional=True),
+    "choices": anything,  # recorded by the CLI: which option of each group the run uses
     "trainer.nan_policy": choice(*NAN_POLICIES),
     "trainer.amp": choice("off", "bf16", "fp16"),
     "trainer.compile": boolean,
@@ -159,21 +164,6 @@ LOGGER: dict[str, Check] = {
     "mode": choice("auto", "online", "offline", "disabled"),
     "log_checkpoint": boolean,
     "tags": anything,  # a list, checked below
-}
-# keys of a group node that describe it rather than configure its callable
-DESCRIPTIVE = {
-    "algo": ("name",),
-    "backbone": ("name", "inputs"),
-    "data": ("name", "channels", "invert", "augment", "task", "inputs", "input_dim"),
-}
-DATA_DESCRIPTIVE: dict[str, Check] = {
-    "name": text(),
-    "channels": choice(1, 3),
-    "invert": boolean,
-    "augment": anything,  # checked by data.augment with the list of known augmentations
-    "task": choice("classification", "regression"),
-    "inputs": choice("images", "vectors"),
-    "input_dim": integer(1),
 }
 
 
@@ -221,7 +211,7 @@ def check_knobs(plain: dict, mode: str) -> list[str]:
 
 def check_classes(plain: dict) -> list[str]:
     """A classification task needs two classes at least; regression has one output."""
-    if plain.get("data", {}).get("task", "classification") == "regression":
+    if describes(plain.get("data") or {}, "task", "classification") == "regression":
         return []
     errors = []
     way, eval_way = plain.get("way"), plain.get("eval", {}).get("way")
@@ -283,17 +273,16 @@ def check_group(group: str, node: dict) -> list[str]:
         name = f"{group}.{key}"
         if key in ("_target_", "_partial_"):
             continue
-        if key in DESCRIPTIVE.get(group, ()) and key not in params:
-            if group == "data" and key in DATA_DESCRIPTIVE:
-                errors.append(DATA_DESCRIPTIVE[key](name, value))
-            continue
         if key not in params:
             if not takes_any:
                 known = [p for p in params if p not in ("self", "backbone", "split", "params")]
                 errors.append(
-                    f"{name} is not a setting of {node['_target_'].rsplit('.', 1)[-1]} "
-                    f"({group}={node.get('name', '?')}); its settings: {', '.join(known)}"
+                    f"{name} is not a setting of {node['_target_'].rsplit('.', 1)[-1]}; "
+                    f"its settings: {', '.join(known)}"
                 )
+            continue
+        if isinstance(value, dict) and "_target_" in value:  # a call inside the call
+            errors += check_group(name, value)
             continue
         errors.append(check_hint(name, value, hints.get(key, Any)))
     return [e for e in errors if e]
@@ -397,7 +386,7 @@ def check_combinations(cfg: DictConfig, plain: dict) -> None:
     head = plain["algo"].get("way")  # learners with a classifier head of fixed size
     if isinstance(head, int) and plain["eval"]["way"] > head:
         raise ConfigError(
-            f"algo={plain['algo'].get('name')} has a {head}-way classifier head (algo.way), so "
+            f"algo={chosen(cfg, 'algo')} has a {head}-way classifier head (algo.way), so "
             f"it cannot be scored on {plain['eval']['way']}-way tasks; set eval.way <= {head}, "
             f"or train with way={plain['eval']['way']}"
         )
@@ -416,14 +405,14 @@ def check_inputs(cfg: DictConfig) -> None:
     if data is None or backbone is None:
         return
     try:
-        data_inputs = data.get("inputs", "images")
-        backbone_inputs = backbone.get("inputs", "images")
+        data_inputs = describes(data, "inputs", "images")
+        backbone_inputs = describes(backbone, "inputs", "images")
     except OmegaConfBaseException:
         return  # an interpolated value: resolved() names the problem
     if data_inputs != backbone_inputs:
         hint = "backbone=mlp" if data_inputs == "vectors" else "an image backbone, e.g. conv4"
         raise ConfigError(
-            f"data={cfg.data.name} gives {data_inputs} but backbone={cfg.backbone.name} takes "
+            f"data={chosen(cfg, 'data')} gives {data_inputs} but backbone={chosen(cfg, 'backbone')} takes "
             f"{backbone_inputs}; use {hint}"
         )
 
@@ -431,10 +420,10 @@ def check_inputs(cfg: DictConfig) -> None:
 def check_learner_fits_data(cfg: DictConfig) -> None:
     """Regression data needs a learner with an output head."""
     check_inputs(cfg)
-    if cfg.data.get("task", "classification") == "regression":
+    if describes(cfg.data, "task", "classification") == "regression":
         learner = learner_class(cfg)
         if learner is not None and not getattr(learner, "supports_regression", False):
             raise ConfigError(
-                f"algo={cfg.algo.name} is classification-only and data={cfg.data.name} is "
+                f"algo={chosen(cfg, 'algo')} is classification-only and data={chosen(cfg, 'data')} is "
                 f"regression; use algo={', '.join(learners_that('supports_regression'))}"
             )

@@ -59,7 +59,7 @@ def test_koch_encoder_matches_the_paper_on_105x105_images():
 
 
 def test_koch_encoder_refuses_small_images_and_names_the_fix():
-    with pytest.raises(ConfigError, match="data.image_size=105"):
+    with pytest.raises(ConfigError, match="data.images.size=105"):
         koch_siamese(image_size=28)
 
 
@@ -114,7 +114,7 @@ def test_every_learner_trains_and_predicts_on_resnet12(algo):
     from metarun.runners.build import build_learner
 
     cfg = compose_with(
-        f"algo={algo}", "backbone=resnet12", "backbone.channels=[4,4,8,8]", "data.image_size=16"
+        f"algo={algo}", "backbone=resnet12", "backbone.channels=[4,4,8,8]", "data.images.size=16"
     )
     torch.manual_seed(0)
     learner = build_learner(cfg)

@@ -17,7 +17,7 @@ from metarun.data.episodes import ImageBatchSampler
 from metarun.data.store import ClassStore
 from metarun.data.synthetic import synthetic
 from metarun.errors import ConfigError
-from metarun.runners.build import build_stores, train_sampler
+from metarun.runners.build import build_learner, build_stores, data_arguments
 from metarun.runners.evaluate import evaluate
 
 
@@ -60,14 +60,19 @@ def test_image_batches_label_each_image_with_its_global_class_and_rotation():
     assert torch.equal(a.support_x, sampler.sample(8).support_x)
 
 
-def test_trainer_sets_num_classes_from_the_data_and_refuses_too_few():
+def test_num_classes_comes_from_the_data_without_rewriting_the_config():
     cfg = compose_with("algo=baseline")
     stores = build_stores(cfg.data, ("train",))
-    train_sampler(cfg, stores["train"], "cpu")
-    assert cfg.algo.num_classes == stores["train"].num_classes == 200
+    assert data_arguments(cfg, stores["train"]) == {"num_classes": 200}
+    assert cfg.algo.num_classes is None  # the config stays the call the user asked for
+    assert build_learner(cfg, **data_arguments(cfg, stores["train"])).head.out_features == 200
+    assert (
+        data_arguments(compose_with("algo=baseline", "algo.num_classes=300"), stores["train"]) == {}
+    )
+    assert data_arguments(compose_with("algo=protonet"), stores["train"]) == {}  # episodic
     cfg = compose_with("algo=baseline_pp", "algo.num_classes=50")
     with pytest.raises(ConfigError, match="algo.num_classes=50 but the training split has 200"):
-        train_sampler(cfg, stores["train"], "cpu")
+        data_arguments(cfg, stores["train"])
     with pytest.raises(ConfigError, match="algo.num_classes is unset"):
         Baseline(conv4(hidden=8))
 

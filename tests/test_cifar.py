@@ -14,6 +14,7 @@ import torch
 import metarun.data.cifar as cifar
 from metarun.data import DataError
 from metarun.data.cifar import CIFAR_FS, FC100, cifar_fs, fc100
+from metarun.data.images import Preprocess
 
 # CIFAR-100's fine label names in label order, and each one's superclass index
 FINE = (
@@ -199,7 +200,7 @@ def test_resize_and_extracted_folder(tmp_path):
     archive = fake_archive(tmp_path / "a.tar.gz")
     with tarfile.open(archive) as tar:
         tar.extractall(tmp_path / "x", filter="data")
-    store = cifar_fs(tmp_path / "x", "val", download=False, image_size=8)
+    store = cifar_fs(tmp_path / "x", "val", download=False, images=Preprocess(8, channels=3))
     assert store.image_shape == (3, 8, 8)
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 import metarun.data.cub as cub_module
 from metarun.data import ConfigError, DataError
 from metarun.data.cub import cub, split_of
+from metarun.data.images import Preprocess
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +46,9 @@ def test_chen_split_rule():
 
 
 def test_splits_from_the_folder_and_the_tarball_agree(cub_root, tmp_path):
-    stores = {s: cub(cub_root, s, image_size=6) for s in ("train", "val", "test")}
+    stores = {
+        s: cub(cub_root, s, images=Preprocess(6, channels=3)) for s in ("train", "val", "test")
+    }
     assert [stores[s].num_classes for s in ("train", "val", "test")] == [100, 50, 50]
     assert stores["val"].names[0] == "002.Species_2" and stores["test"].names[0] == "004.Species_4"
     assert stores["train"].image_shape == (3, 6, 6) and stores["train"].counts.tolist() == [2] * 100
@@ -53,7 +56,7 @@ def test_splits_from_the_folder_and_the_tarball_agree(cub_root, tmp_path):
     tgz.mkdir()
     with tarfile.open(tgz / "CUB_200_2011.tgz", "w:gz") as tar:
         tar.add(cub_root / "CUB_200_2011", arcname="CUB_200_2011")
-    from_tar = cub(tgz, "test", image_size=6)
+    from_tar = cub(tgz, "test", images=Preprocess(6, channels=3))
     assert from_tar.names == stores["test"].names
     assert torch.equal(from_tar.images, stores["test"].images)
 
@@ -77,10 +80,10 @@ def test_errors(tmp_path, cub_root):
 def test_second_load_reads_the_cache(cub_root, monkeypatch):
     import metarun.data.cub as mod
 
-    first = cub(cub_root, "val", image_size=5)
+    first = cub(cub_root, "val", images=Preprocess(5, channels=3))
 
     def refuse(*a, **k):
         raise AssertionError("decoded again")
 
     monkeypatch.setattr(mod, "decode_image", refuse)
-    assert torch.equal(cub(cub_root, "val", image_size=5).images, first.images)
+    assert torch.equal(cub(cub_root, "val", images=Preprocess(5, channels=3)).images, first.images)

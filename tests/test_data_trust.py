@@ -45,7 +45,7 @@ import metarun.data.store as store_module
 import metarun.data.tiered as tiered
 from metarun.data import DataError, safe_pickle
 from metarun.data.folder import class_folders, folder
-from metarun.data.images import list_images
+from metarun.data.images import Preprocess, list_images
 
 SMALL1 = "images_background_small1.zip"
 THIRDS = (1 / 3, 1 / 3, 1 / 3)
@@ -131,7 +131,7 @@ def edited_folder(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "f", classes=3, per_class=2)
 
     def load():
-        return folder(root, "train", image_size=8, ratios=THIRDS)
+        return folder(root, "train", images=Preprocess(8, channels=3), ratios=THIRDS)
 
     return load, lambda: edit_image(sorted((root / load().names[0]).iterdir())[0])
 
@@ -148,9 +148,9 @@ def edited_miniimagenet(tmp_path, monkeypatch):
     monkeypatch.setattr(mini, "SPLIT_CLASSES", {"train": 3, "val": 2, "test": 2})
     monkeypatch.setattr(mini, "IMAGES_PER_CLASS", 3)
     root = csv_form(tmp_path / "m")
-    return lambda: mini.miniimagenet(root, "val", image_size=12), lambda: edit_image(
-        root / "images" / "n040000.jpg"
-    )
+    return lambda: mini.miniimagenet(
+        root, "val", images=Preprocess(12, channels=3)
+    ), lambda: edit_image(root / "images" / "n040000.jpg")
 
 
 def edited_tiered_folder(tmp_path, monkeypatch):
@@ -159,9 +159,9 @@ def edited_tiered_folder(tmp_path, monkeypatch):
     for i, (a, c) in enumerate(zip(images, labels)):
         (tmp_path / "t" / "val" / NAMES[c]).mkdir(parents=True, exist_ok=True)
         Image.fromarray(a).save(tmp_path / "t" / "val" / NAMES[c] / f"{i:03d}.png")
-    return lambda: tiered.tiered_imagenet(tmp_path / "t", "val", image_size=20), lambda: edit_image(
-        sorted((tmp_path / "t" / "val" / NAMES[0]).iterdir())[0]
-    )
+    return lambda: tiered.tiered_imagenet(
+        tmp_path / "t", "val", images=Preprocess(20, channels=3)
+    ), lambda: edit_image(sorted((tmp_path / "t" / "val" / NAMES[0]).iterdir())[0])
 
 
 def edited_cifar_folder(tmp_path, monkeypatch):
@@ -184,7 +184,9 @@ def edited_cub_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(cub_module, "IMAGES", 200)
     root = make_cub(tmp_path / "cub", per_class=1)
     image = root / "CUB_200_2011" / "images" / "002.Species_2" / "bird_2_0.jpg"  # val's first
-    return lambda: cub_module.cub(root, "val", image_size=6), lambda: edit_image(image)
+    return lambda: cub_module.cub(
+        root, "val", images=Preprocess(6, channels=3)
+    ), lambda: edit_image(image)
 
 
 @pytest.mark.parametrize(
@@ -215,7 +217,7 @@ def test_a_cache_path_that_is_a_file_costs_a_decode_not_the_run(tmp_path, monkey
     monkeypatch.setenv("METARUN_CACHE", str(blocker))
     root = make_tree(tmp_path / "images", classes=3, per_class=2)
     for _ in range(2):  # the second run decodes again, and works again
-        store = folder(root, "test", image_size=8, ratios=THIRDS)
+        store = folder(root, "test", images=Preprocess(8, channels=3), ratios=THIRDS)
         assert store.n_base == 1 and store.counts.tolist() == [2]
     assert "could not write the decode cache" in caplog.text and str(blocker) in caplog.text
     assert blocker.read_text() == "not a folder"
@@ -239,7 +241,7 @@ def test_a_failed_cache_write_leaves_no_file_and_returns_the_store(
 
     monkeypatch.setattr(store_module.torch, "save", failing_save)
     root = make_tree(tmp_path / "images", classes=3, per_class=2)
-    store = folder(root, "val", image_size=8, ratios=THIRDS)
+    store = folder(root, "val", images=Preprocess(8, channels=3), ratios=THIRDS)
     assert store.n_base == 1 and store.images.shape == (2, 3, 8, 8)
     assert str(error) in caplog.text and str(own_cache) in caplog.text
     assert list(own_cache.iterdir()) == []  # no temporary file left
@@ -254,7 +256,7 @@ def test_a_read_only_cache_folder_is_not_fatal(tmp_path, monkeypatch, caplog):
             pytest.skip("running as root: a read-only mode does not stop this process writing")
         monkeypatch.setenv("METARUN_CACHE", str(cache))
         root = make_tree(tmp_path / "images", classes=3, per_class=2)
-        assert folder(root, "val", image_size=8, ratios=THIRDS).n_base == 1
+        assert folder(root, "val", images=Preprocess(8, channels=3), ratios=THIRDS).n_base == 1
         assert "could not write the decode cache" in caplog.text and list(cache.iterdir()) == []
     finally:
         cache.chmod(0o755)
@@ -273,7 +275,9 @@ def test_tiered_decodes_into_memory_when_its_cache_cannot_be_written(
     tmp_path, monkeypatch, caplog, own_cache
 ):
     root = tiered_npz(tmp_path / "t", monkeypatch)
-    expected = tiered.tiered_imagenet(root, "test", image_size=20).images.clone()
+    expected = tiered.tiered_imagenet(
+        root, "test", images=Preprocess(20, channels=3)
+    ).images.clone()
     for name in os.listdir(own_cache):
         os.remove(own_cache / name)
 
@@ -281,12 +285,14 @@ def test_tiered_decodes_into_memory_when_its_cache_cannot_be_written(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(tiered.os, "posix_fallocate", no_space, raising=False)
-    store = tiered.tiered_imagenet(root, "test", image_size=20)
+    store = tiered.tiered_imagenet(root, "test", images=Preprocess(20, channels=3))
     assert torch.equal(store.images, expected) and store.names == NAMES
     assert "No space left on device" in caplog.text and "into memory" in caplog.text
     assert list(own_cache.iterdir()) == []  # neither the data file nor its index left behind
     monkeypatch.setenv("METARUN_CACHE", str(root / "test_images.npz"))  # a file, not a folder
-    assert torch.equal(tiered.tiered_imagenet(root, "test", image_size=20).images, expected)
+    assert torch.equal(
+        tiered.tiered_imagenet(root, "test", images=Preprocess(20, channels=3)).images, expected
+    )
 
 
 # ---------------------------------------------------------------- Omniglot: complete or refused
@@ -485,7 +491,9 @@ def test_a_class_folder_with_special_entries_loads_and_names_them(tmp_path, monk
         assert entry in caplog.text
     assert "fifo_class (not a regular file: a FIFO)" in caplog.text and top in caplog.text
     stores = [
-        finishes(lambda s=s: folder(root, s, image_size=8, ratios=THIRDS), fifos)
+        finishes(
+            lambda s=s: folder(root, s, images=Preprocess(8, channels=3), ratios=THIRDS), fifos
+        )
         for s in ("train", "val", "test")
     ]
     assert sorted(n for s in stores for n in s.names) == ["class_00", "class_01", "class_02"]
@@ -517,14 +525,22 @@ def test_cub_and_tiered_folders_skip_special_entries(tmp_path, monkeypatch, capl
     monkeypatch.setattr(cub_module, "IMAGES", 200)
     root = make_cub(tmp_path / "cub", per_class=1)
     fifos = special_entries(root / "CUB_200_2011" / "images" / "002.Species_2", monkeypatch)
-    assert finishes(lambda: cub_module.cub(root, "val", image_size=6), fifos).num_classes == 50
+    assert (
+        finishes(
+            lambda: cub_module.cub(root, "val", images=Preprocess(6, channels=3)), fifos
+        ).num_classes
+        == 50
+    )
     assert "pipe.png (not a regular file: a FIFO)" in caplog.text
     monkeypatch.setitem(tiered.SPLIT_CLASSES, "train", 2)
     for c in ("a", "b"):
         (tmp_path / "t" / "train" / c).mkdir(parents=True)
         Image.new("RGB", (5, 5)).save(tmp_path / "t" / "train" / c / "0.png")
     fifos = special_entries(tmp_path / "t" / "train", monkeypatch)
-    store = finishes(lambda: tiered.tiered_imagenet(tmp_path / "t", "train", image_size=5), fifos)
+    store = finishes(
+        lambda: tiered.tiered_imagenet(tmp_path / "t", "train", images=Preprocess(5, channels=3)),
+        fifos,
+    )
     assert store.names == ["a", "b"]
 
 

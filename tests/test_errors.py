@@ -34,7 +34,7 @@ def fails(tmp_path, *overrides, env=None):
         (["mode=test"], "mode=test needs a checkpoint: add ckpt="),
         (["mode=fly"], "mode='fly' is unknown"),
         (["trainer.amp=fp8"], "trainer.amp='fp8'"),
-        (["data.augment=mixup"], "unknown augmentation 'mixup'"),
+        (["trainer.augment=mixup"], "unknown augmentation 'mixup'"),
         (["algo.distance=manhattan"], "unknown distance 'manhattan'"),
         (["backbone.variant=fancy"], "unknown conv4 variant 'fancy'"),
         (["data=sinusoid", "backbone=mlp"], "algo=protonet is classification-only"),

@@ -12,6 +12,7 @@ from PIL import Image
 
 from metarun.data import ConfigError, DataError, EpisodeSampler
 from metarun.data.folder import folder
+from metarun.data.images import Preprocess
 
 
 def make_tree(root, classes=10, per_class=4, size=(12, 10), mode="RGB"):
@@ -34,7 +35,8 @@ def tree(tmp_path):
 
 def test_ratios_split_classes_disjointly_with_the_right_counts(tree):
     stores = {
-        s: folder(tree, s, image_size=8, ratios=(0.6, 0.2, 0.2)) for s in ("train", "val", "test")
+        s: folder(tree, s, images=Preprocess(8, channels=3), ratios=(0.6, 0.2, 0.2))
+        for s in ("train", "val", "test")
     }
     counts = {s: st.num_classes for s, st in stores.items()}
     assert counts == {"train": 6, "val": 2, "test": 2}
@@ -48,14 +50,16 @@ def test_ratios_split_classes_disjointly_with_the_right_counts(tree):
 
 
 def test_the_split_is_seeded(tree):
-    a = folder(tree, "test", image_size=8, seed=0).names
-    assert folder(tree, "test", image_size=8, seed=0).names == a
-    assert any(folder(tree, "test", image_size=8, seed=s).names != a for s in (1, 2, 3))
+    a = folder(tree, "test", images=Preprocess(8, channels=3), seed=0).names
+    assert folder(tree, "test", images=Preprocess(8, channels=3), seed=0).names == a
+    assert any(
+        folder(tree, "test", images=Preprocess(8, channels=3), seed=s).names != a for s in (1, 2, 3)
+    )
 
 
 def test_grayscale_and_resizing(tmp_path):
     root = make_tree(tmp_path / "g", classes=3, mode="L")
-    st = folder(root, "train", image_size=5, channels=1, ratios=(0.34, 0.33, 0.33))
+    st = folder(root, "train", images=Preprocess(5, channels=1), ratios=(0.34, 0.33, 0.33))
     assert st.image_shape == (1, 5, 5)
 
 
@@ -64,23 +68,25 @@ def test_split_files(tree):
     (tree / "val.txt").write_text("class_03\n")
     (tree / "test.txt").write_text("class_04\nclass_05\n")
     files = {"train": "train.txt", "val": "val.txt", "test": "test.txt"}
-    st = folder(tree, "test", image_size=8, split_files=files)
+    st = folder(tree, "test", images=Preprocess(8, channels=3), split_files=files)
     assert st.names == ["class_04", "class_05"]
-    assert folder(tree, "train", image_size=8, split_files=files).num_classes == 3
+    assert (
+        folder(tree, "train", images=Preprocess(8, channels=3), split_files=files).num_classes == 3
+    )
 
 
 def test_second_load_comes_from_the_cache(tree, monkeypatch):
-    first = folder(tree, "train", image_size=8)
+    first = folder(tree, "train", images=Preprocess(8, channels=3))
     import metarun.data.folder as mod
 
     def refuse(*a, **k):
         raise AssertionError("decoded again instead of reading the cache")
 
     monkeypatch.setattr(mod, "decode_image", refuse)
-    again = folder(tree, "train", image_size=8)
+    again = folder(tree, "train", images=Preprocess(8, channels=3))
     assert torch.equal(first.images, again.images) and first.names == again.names
     with pytest.raises(AssertionError, match="decoded again"):  # another size: a new key
-        folder(tree, "train", image_size=9)
+        folder(tree, "train", images=Preprocess(9, channels=3))
 
 
 def test_errors_name_the_problem(tmp_path, tree):
@@ -111,19 +117,22 @@ def test_errors_name_the_problem(tmp_path, tree):
     bad.write_bytes(b"not an image")
     with pytest.raises(DataError, match="img_9.png"):  # whichever split holds class_03
         for split in ("train", "val", "test"):
-            folder(tree, split, image_size=7)
+            folder(tree, split, images=Preprocess(7, channels=3))
 
 
 def test_a_class_with_too_few_images_is_named(tmp_path):
     root = make_tree(tmp_path / "few", classes=6)
     for p in sorted((root / "class_02").iterdir())[1:]:
         p.unlink()
-    st = folder(root, "train", image_size=8, ratios=(1 / 3, 1 / 3, 1 / 3), seed=0)
+    st = folder(
+        root, "train", images=Preprocess(8, channels=3), ratios=(1 / 3, 1 / 3, 1 / 3), seed=0
+    )
     if "class_02" not in st.names:  # find the split that holds it
         st = next(
             s
             for s in (
-                folder(root, x, image_size=8, ratios=(1 / 3, 1 / 3, 1 / 3)) for x in ("val", "test")
+                folder(root, x, images=Preprocess(8, channels=3), ratios=(1 / 3, 1 / 3, 1 / 3))
+                for x in ("val", "test")
             )
             if "class_02" in s.names
         )
@@ -136,7 +145,7 @@ def test_cli_trains_on_a_folder(tmp_path, tree):
     run_cli(
         "data=folder",
         f"data.root={tree}",
-        "data.image_size=16",
+        "data.images.size=16",
         "way=2",
         "shot=1",
         "query=2",

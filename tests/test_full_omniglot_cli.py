@@ -51,7 +51,10 @@ def test_every_learner_runs_20_way_1_shot_on_omniglot(tmp_path, monkeypatch):
         f"hydra.sweep.dir={out}",
         cwd=tmp_path,
     )
-    runs = {OmegaConf.load(d / ".hydra" / "config.yaml").algo.name: d for d in run_dirs(out)}
+    def chosen(run, group):  # Hydra's record of the options this job ran with
+        return OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.choices[group]
+
+    runs = {chosen(d, "algo"): d for d in run_dirs(out)}
     assert sorted(runs) == sorted(LEARNERS)
     for name, run in runs.items():
         result = json.loads((run / "results.json").read_text())
@@ -63,5 +66,4 @@ def test_every_learner_runs_20_way_1_shot_on_omniglot(tmp_path, monkeypatch):
         )
         assert result["episodes"] == 5 and 0.0 <= result["test_acc"] <= 1.0
         assert (run / "checkpoints" / "best.pt").is_file()
-        backbone = OmegaConf.load(run / ".hydra" / "config.yaml").backbone.name
-        assert backbone == DEFAULT_BACKBONES.get(name, "conv4")
+        assert chosen(run, "backbone") == DEFAULT_BACKBONES.get(name, "conv4")

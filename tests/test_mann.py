@@ -230,7 +230,7 @@ def test_cli_trains_mann_and_reports_accuracy_by_instance(tmp_path):
         "algo.controller_size=32",
         "algo.memory_slots=16",
         "algo.memory_width=8",
-        "data.image_size=12",
+        "data.images.size=12",
         "shot=2",
         "query=2",
         "trainer.steps=20",

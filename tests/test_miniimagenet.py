@@ -11,6 +11,7 @@ from PIL import Image
 
 import metarun.data.miniimagenet as mini
 from metarun.data import ConfigError, DataError
+from metarun.data.images import Preprocess
 from metarun.data.miniimagenet import miniimagenet
 
 SPLIT_CLASSES = {"train": ["n01", "n02", "n03"], "val": ["n04", "n05"], "test": ["n06", "n07"]}
@@ -57,7 +58,7 @@ def pickle_form(root, per_class=3, side=84):
 @pytest.mark.parametrize("form", ["csv", "pickle"])
 def test_both_forms_give_disjoint_splits_with_the_right_counts(tmp_path, form):
     root = csv_form(tmp_path / "m") if form == "csv" else pickle_form(tmp_path / "m")[0]
-    stores = {s: miniimagenet(root, s, image_size=12) for s in SPLIT_CLASSES}
+    stores = {s: miniimagenet(root, s, images=Preprocess(12, channels=3)) for s in SPLIT_CLASSES}
     for split, store in stores.items():
         assert sorted(store.names) == SPLIT_CLASSES[split]
         assert store.counts.tolist() == [3] * len(SPLIT_CLASSES[split])
@@ -76,13 +77,15 @@ def test_pickle_rows_keep_their_class_and_pixels_at_84(tmp_path):
 
 def test_cache_is_reused(tmp_path, monkeypatch):
     root = csv_form(tmp_path / "c")
-    first = miniimagenet(root, "val", image_size=10)
+    first = miniimagenet(root, "val", images=Preprocess(10, channels=3))
     import metarun.data.miniimagenet as mod
 
     monkeypatch.setattr(
         mod, "decode_image", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded again"))
     )
-    assert torch.equal(miniimagenet(root, "val", image_size=10).images, first.images)
+    assert torch.equal(
+        miniimagenet(root, "val", images=Preprocess(10, channels=3)).images, first.images
+    )
 
 
 def test_errors_name_the_files_and_the_accepted_forms(tmp_path):

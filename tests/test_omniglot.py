@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import metarun.data.omniglot as om
+from metarun.data.images import Preprocess
 from metarun.data.omniglot import DEFAULT_VAL_ALPHABETS, DataError, omniglot, omniglot_small
 
 SMALL = {
@@ -143,7 +144,9 @@ def test_images_are_uint8_bright_strokes_on_black(small_root):
     img = store.images[0, 0].float()
     assert img.mean() < 128 and img.max() > 200  # strokes 255 on background 0
     assert img[0, 0] == 0 and img[-1, -1] == 0
-    assert omniglot_small(small_root, "val", image_size=14).image_shape == (1, 14, 14)
+    assert omniglot_small(
+        small_root, "val", images=Preprocess(14, channels=1, invert=True)
+    ).image_shape == (1, 14, 14)
 
 
 def test_order_is_deterministic(small_root, tmp_path, monkeypatch):
@@ -171,7 +174,7 @@ def test_splits_share_one_decode_and_size_is_in_the_key(small_root, monkeypatch)
     for split in ("train", "val", "test"):
         omniglot_small(small_root, split)
     assert len(calls) == 2  # each archive once, for all three splits
-    omniglot_small(small_root, "train", image_size=14)
+    omniglot_small(small_root, "train", images=Preprocess(14, channels=1, invert=True))
     assert len(calls) == 4
 
 
@@ -235,7 +238,7 @@ def test_character_split(full_root):
     [
         ({"split": "training"}, "split must be one of 'train', 'val', 'test'"),
         ({"rotations": 3}, "rotations"),
-        ({"image_size": 0}, "image_size"),
+        ({"images": Preprocess(28, channels=3)}, "images.channels must be 1"),
         ({"split_by": "drawer"}, "split_by must be one of 'alphabet', 'character'"),
     ],
 )

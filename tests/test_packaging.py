@@ -77,7 +77,7 @@ def test_installed_wheel_composes_its_config(wheel, tmp_path):
         "from hydra import compose, initialize_config_module;"
         "initialize_config_module(config_module='metarun.conf', version_base='1.3');"
         "cfg = compose(config_name='config', overrides=['data=omniglot']);"
-        "print(metarun.conf.__file__, metarun.data.__file__, cfg.algo.name, cfg.data.name)"
+        "print(metarun.conf.__file__, metarun.data.__file__, cfg.algo._target_, cfg.data._target_)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code],
@@ -89,4 +89,7 @@ def test_installed_wheel_composes_its_config(wheel, tmp_path):
     assert proc.returncode == 0, proc.stderr
     conf_file, data_file, algo, data = proc.stdout.split()
     assert conf_file.startswith(str(target)) and data_file.startswith(str(target))
-    assert (algo, data) == ("protonet", "omniglot")
+    assert (algo, data) == (
+        "metarun.algorithms.protonet.ProtoNet",
+        "metarun.data.omniglot.omniglot",
+    )

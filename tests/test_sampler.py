@@ -151,7 +151,7 @@ def test_augmentations_combine_and_bad_names_are_refused():
     assert torch.equal(a.query_x, b.query_x) and torch.equal(a.query_y, b.query_y)
     with pytest.raises(ConfigError, match="unknown augmentation 'flip'.*mirror\\+shift"):
         EpisodeSampler(store, 5, 1, 3, augment="mirror+flip")
-    with pytest.raises(ConfigError, match="needs episodes.*data.augment=shift or affine"):
+    with pytest.raises(ConfigError, match="needs episodes.*trainer.augment=shift or affine"):
         ImageBatchSampler(store, augment="mirror")
     batch = ImageBatchSampler(store, seed=0, augment="shift").sample(8)
     assert batch.support_x.shape == (8, 1, 1, 6, 6)

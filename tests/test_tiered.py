@@ -12,6 +12,7 @@ from PIL import Image
 
 import metarun.data.tiered as tiered
 from metarun.data import ConfigError, DataError
+from metarun.data.images import Preprocess
 from metarun.data.store import cache_dir
 from metarun.data.tiered import tiered_imagenet
 
@@ -60,7 +61,7 @@ def test_each_form_gives_the_classes_and_pixels(tmp_path, form):
             d = root / "val" / NAMES[c]
             d.mkdir(parents=True, exist_ok=True)
             Image.fromarray(a).save(d / f"{i:03d}.png")
-    store = tiered_imagenet(root, "val", image_size=20)
+    store = tiered_imagenet(root, "val", images=Preprocess(20, channels=3))
     assert store.names == NAMES and store.counts.tolist() == [PER_CLASS] * 3
     assert store.image_shape == (3, 20, 20) and store.images.dtype == torch.uint8
     # class 0's images, in their order on disk, are the first rows
@@ -72,7 +73,7 @@ def test_cache_is_a_memory_map_reused_without_decoding(tmp_path, monkeypatch):
     images, labels = arrays()
     np.savez(tmp_path / "test_images.npz", images=images)
     write_labels(tmp_path / "test_labels.pkl", labels)
-    store = tiered_imagenet(tmp_path, "test", image_size=12)
+    store = tiered_imagenet(tmp_path, "test", images=Preprocess(12, channels=3))
     (mapped,) = [  # this split's file (the cache folder is shared by the test session)
         m
         for p in cache_dir().glob("tiered-*.u8")
@@ -85,7 +86,9 @@ def test_cache_is_a_memory_map_reused_without_decoding(tmp_path, monkeypatch):
         raise AssertionError("decoded again")
 
     monkeypatch.setattr(tiered, "_write_cache", refuse)
-    assert torch.equal(tiered_imagenet(tmp_path, "test", image_size=12).images, store.images)
+    assert torch.equal(
+        tiered_imagenet(tmp_path, "test", images=Preprocess(12, channels=3)).images, store.images
+    )
 
 
 def test_errors(tmp_path):
