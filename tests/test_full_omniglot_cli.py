@@ -51,6 +51,7 @@ def test_every_learner_runs_20_way_1_shot_on_omniglot(tmp_path, monkeypatch):
         f"hydra.sweep.dir={out}",
         cwd=tmp_path,
     )
+
     def chosen(run, group):  # Hydra's record of the options this job ran with
         return OmegaConf.load(run / ".hydra" / "hydra.yaml").hydra.runtime.choices[group]
 
