@@ -33,6 +33,26 @@ SMALL = {
 }
 
 
+# every option of every config group, and the settings some need to build with the
+# default config (the every-config-composes tests)
+OPTION_GROUPS = ("algo", "data", "backbone", "logger", "experiment")
+OPTIONS = [(g, p.stem) for g in OPTION_GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+# options that need another setting to build with the default config
+NEEDS = {
+    ("backbone", "koch_siamese"): ["data.images.size=105"],  # designed for 105x105 images
+    # regression: a learner with an output head and a vector backbone
+    ("data", "sinusoid"): ["algo=maml", "backbone=mlp"],
+    ("backbone", "mlp"): ["algo=maml", "data=sinusoid"],
+    # no learned weights of its own: a learner around it has them
+    ("backbone", "pixels"): ["algo=mann"],
+    # the classifier's size over the training classes: the trainer sets it from the data
+    ("algo", "baseline"): ["algo.num_classes=200"],
+    ("algo", "baseline_pp"): ["algo.num_classes=200"],
+    ("experiment", "baseline_omniglot_small_5w1s"): ["algo.num_classes=716"],
+    ("experiment", "baseline_pp_omniglot_small_5w1s"): ["algo.num_classes=716"],
+}
+
+
 def learner_class(name: str) -> type:
     """The class conf/algo/<name>.yaml builds: its capability flags (inner_loop,
     supports_regression, ...) say which tests apply, not lists kept in the tests."""
@@ -172,13 +192,3 @@ def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     run_cli(*FAST, f"hydra.run.dir={root / 'run'}", cwd=root)
     return root / "run"
-
-
-def contract_inputs(way: int = 3, shot: int = 2, queries: int = 9, tasks: int = 2):
-    """Random 28x28 images for predict-contract tests: support [tasks, way * shot] with
-    labels 0..way-1 (each `shot` times, grouped), queries [tasks, queries]."""
-    import torch
-
-    support_x = torch.rand(tasks, way * shot, 1, 28, 28)
-    support_y = torch.arange(way).repeat_interleave(shot).expand(tasks, -1)
-    return support_x, support_y, torch.rand(tasks, queries, 1, 28, 28)

@@ -3,157 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import pickle
 import tarfile
 
-import numpy as np
 import pytest
 import torch
+from fakes import COARSE, FINE, fake_archive
 
 import metarun.data.cifar as cifar
 from metarun.data import DataError
 from metarun.data.cifar import CIFAR_FS, FC100, cifar_fs, fc100
 from metarun.data.images import Preprocess
-
-# CIFAR-100's fine label names in label order, and each one's superclass index
-FINE = (
-    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus "
-    "butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch "
-    "crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house "
-    "kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle "
-    "mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree "
-    "plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew "
-    "skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank "
-    "telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf "
-    "woman worm"
-).split()
-COARSE = [
-    4,
-    1,
-    14,
-    8,
-    0,
-    6,
-    7,
-    7,
-    18,
-    3,
-    3,
-    14,
-    9,
-    18,
-    7,
-    11,
-    3,
-    9,
-    7,
-    11,
-    6,
-    11,
-    5,
-    10,
-    7,
-    6,
-    13,
-    15,
-    3,
-    15,
-    0,
-    11,
-    1,
-    10,
-    12,
-    14,
-    16,
-    9,
-    11,
-    5,
-    5,
-    19,
-    8,
-    8,
-    15,
-    13,
-    14,
-    17,
-    18,
-    10,
-    16,
-    4,
-    17,
-    4,
-    2,
-    0,
-    17,
-    4,
-    18,
-    17,
-    10,
-    3,
-    2,
-    12,
-    12,
-    16,
-    12,
-    1,
-    9,
-    19,
-    2,
-    10,
-    0,
-    1,
-    16,
-    12,
-    9,
-    13,
-    15,
-    13,
-    16,
-    19,
-    2,
-    4,
-    6,
-    19,
-    5,
-    5,
-    8,
-    19,
-    18,
-    1,
-    2,
-    15,
-    6,
-    0,
-    17,
-    8,
-    14,
-    13,
-]
-
-
-def fake_archive(path, per_class=(2, 1)):
-    """cifar-100-python.tar.gz with `per_class` train/test images per class: pixel value
-    = class label, so every image tells where it came from."""
-    tar_bytes = io.BytesIO()
-    with tarfile.open(fileobj=tar_bytes, mode="w:gz") as tar:
-
-        def add(name, obj):
-            blob = pickle.dumps(obj)
-            info = tarfile.TarInfo(f"cifar-100-python/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-
-        add("meta", {"fine_label_names": FINE, "coarse_label_names": [f"s{i}" for i in range(20)]})
-        for part, n in zip(("train", "test"), per_class):
-            labels = [c for c in range(100) for _ in range(n)]
-            data = np.repeat(np.array(labels, dtype=np.uint8)[:, None], 3072, axis=1)
-            add(
-                part,
-                {"data": data, "fine_labels": labels, "coarse_labels": [COARSE[c] for c in labels]},
-            )
-    path.write_bytes(tar_bytes.getvalue())
-    return path
 
 
 @pytest.fixture(autouse=True)

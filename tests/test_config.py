@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CONF, compose_with
+from conftest import CONF, NEEDS, OPTIONS, compose_with
 from omegaconf import OmegaConf
 
 from metarun.runners.build import build_learner, build_store
 from metarun.runners.validate import validate
-
-GROUPS = ("algo", "data", "backbone", "logger", "experiment")
-OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
-# options that need another setting to build with the default config
-NEEDS = {
-    ("backbone", "koch_siamese"): ["data.images.size=105"],  # designed for 105x105 images
-    # regression: a learner with an output head and a vector backbone
-    ("data", "sinusoid"): ["algo=maml", "backbone=mlp"],
-    ("backbone", "mlp"): ["algo=maml", "data=sinusoid"],
-    # no learned weights of its own: a learner around it has them
-    ("backbone", "pixels"): ["algo=mann"],
-    # the classifier's size over the training classes: the trainer sets it from the data
-    ("algo", "baseline"): ["algo.num_classes=200"],
-    ("algo", "baseline_pp"): ["algo.num_classes=200"],
-    ("experiment", "baseline_omniglot_small_5w1s"): ["algo.num_classes=716"],
-    ("experiment", "baseline_pp_omniglot_small_5w1s"): ["algo.num_classes=716"],
-}
 
 
 def test_the_default_config_is_protonet_on_synthetic():

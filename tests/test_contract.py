@@ -13,6 +13,7 @@ from conftest import ALGOS, SMALL, compose_with, configure
 
 from metarun.data.episodes import FixedEpisodes
 from metarun.data.synthetic import synthetic
+from metarun.errors import ConfigError
 from metarun.runners.trainer import Trainer
 
 WAY = 5
@@ -87,6 +88,31 @@ def test_each_task_is_predicted_on_its_own(name, trainer):
     torch.testing.assert_close(together, alone, rtol=tol, atol=tol)
     again = learner.predict(ep.support_x, ep.support_y, ep.query_x, ep.way)
     assert torch.equal(together, again)  # evaluation is repeatable
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_way_is_read_from_the_labels_when_not_given(name, trainer):
+    learner = copy.deepcopy(trainer.learner).eval()
+    ep = episodes()
+    with torch.no_grad():
+        given = learner.predict(ep.support_x, ep.support_y, ep.query_x, ep.way)
+        read = learner.predict(ep.support_x, ep.support_y, ep.query_x)
+    assert torch.equal(given, read)
+
+
+@pytest.mark.parametrize("name", ALGOS)
+def test_more_classes_than_a_fixed_head_are_refused(name, trainer):
+    """Learners with a way-sized output layer (learner.way) refuse larger tasks with a
+    ConfigError naming the fix; the others score any number of classes."""
+    learner = copy.deepcopy(trainer.learner).eval()
+    ep = episodes(way=WAY + 1)
+    with torch.no_grad():
+        if learner.way is None:
+            shape = learner.predict(ep.support_x, ep.support_y, ep.query_x, ep.way).shape
+            assert shape == (3, (WAY + 1) * 2, WAY + 1)
+        else:
+            with pytest.raises(ConfigError, match=f"{WAY}-way output layer"):
+                learner.predict(ep.support_x, ep.support_y, ep.query_x, ep.way)
 
 
 @pytest.mark.parametrize("name", ALGOS)

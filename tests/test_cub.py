@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import tarfile
 
-import numpy as np
 import pytest
 import torch
+from fakes import make_cub
 from PIL import Image
 
 import metarun.data.cub as cub_module
@@ -19,19 +19,6 @@ from metarun.data.images import Preprocess
 def small_copy(monkeypatch):
     """The loader refuses copies with fewer than 11,788 images: describe make_cub's."""
     monkeypatch.setattr(cub_module, "IMAGES", 400)
-
-
-def make_cub(base, per_class=2):
-    rng = np.random.default_rng(0)
-    images = base / "CUB_200_2011" / "images"
-    for i in range(1, 201):
-        d = images / f"{i:03d}.Species_{i}"
-        d.mkdir(parents=True)
-        for k in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)).save(
-                d / f"bird_{i}_{k}.jpg"
-            )
-    return base
 
 
 @pytest.fixture(scope="module")

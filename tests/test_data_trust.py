@@ -29,13 +29,18 @@ import numpy as np
 import pytest
 import torch
 from conftest import HAVE_OMNIGLOT, OMNIGLOT_DIR
+from fakes import (
+    NAMES,
+    arrays,
+    csv_form,
+    fake_archive,
+    make_cub,
+    make_tree,
+    pickle_form,
+    write_labels,
+    write_zip,
+)
 from PIL import Image
-from test_cifar import fake_archive
-from test_cub import make_cub
-from test_folder import make_tree
-from test_miniimagenet import csv_form, pickle_form
-from test_omniglot import write_zip
-from test_tiered import NAMES, arrays, write_labels
 
 import metarun.data.cifar as cifar
 import metarun.data.cub as cub_module

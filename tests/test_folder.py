@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from conftest import run_cli
+from fakes import make_tree
 from PIL import Image
 
 from metarun.data import ConfigError, DataError, EpisodeSampler
 from metarun.data.folder import folder
 from metarun.data.images import Preprocess
-
-
-def make_tree(root, classes=10, per_class=4, size=(12, 10), mode="RGB"):
-    """Class folders of small random images (a different colour per class)."""
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        d = root / f"class_{c:02d}"
-        d.mkdir(parents=True)
-        for i in range(per_class):
-            shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
-            arr = rng.integers(0, 256, shape, dtype=np.uint8)
-            Image.fromarray(arr, mode).save(d / f"img_{i}.{'png' if i % 2 else 'jpg'}")
-    return root
 
 
 @pytest.fixture

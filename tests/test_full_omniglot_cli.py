@@ -14,8 +14,8 @@ import json
 
 import pytest
 from conftest import run_cli, run_dirs
+from fakes import FULL, expect, make_root
 from omegaconf import OmegaConf
-from test_omniglot import FULL, expect, make_root
 
 import metarun.data.omniglot as om
 

@@ -54,3 +54,21 @@ def test_no_import_runs_against_the_layers(layer, path):
         if (target := layer_of(module)) is not None and target not in allowed
     ]
     assert not against, "\n".join(against)
+
+
+def test_test_modules_do_not_import_each_other():
+    """Shared helpers live in conftest.py (composition, CLI runs), fakes.py (data files on
+    disk) and wandb_records.py; a test module imports none of the others."""
+    tests = Path(__file__).resolve().parent
+    offenders = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [f"{path.name} imports {n}" for n in names if n.startswith("test_")]
+    assert not offenders

@@ -126,7 +126,7 @@ def test_meta_sgd_learns_its_step_sizes_and_anil_adapts_only_the_head():
     assert grads["backbone.1.weight"].abs().sum() > 0  # the backbone still meta-learns
 
 
-def test_predict_shapes_eval_steps_and_head_size():
+def test_zero_test_steps_is_the_unadapted_network():
     torch.manual_seed(0)
     learner = MAML(tiny(), way=5, inner_steps=1, test_inner_steps=0).eval()
     sx, qx = torch.randn(3, 10, 1, 2, 2), torch.randn(3, 7, 1, 2, 2)
@@ -134,12 +134,7 @@ def test_predict_shapes_eval_steps_and_head_size():
     with torch.no_grad():
         logits = learner.predict(sx, sy, qx, way=5)
         unadapted = learner(qx.flatten(0, 1)).view(3, 7, 5)
-        three_way = learner.predict(sx[:, :6], sy[:, :6] % 3, qx, way=3)
-    assert logits.shape == (3, 7, 5) and not logits.requires_grad
-    torch.testing.assert_close(logits, unadapted)  # test_inner_steps=0: no adaptation
-    assert three_way.shape == (3, 7, 3)
-    with pytest.raises(ConfigError, match="5-way output layer"):
-        learner.predict(sx, sy, qx, way=6)
+    torch.testing.assert_close(logits, unadapted)
 
 
 @pytest.mark.parametrize(

@@ -115,14 +115,13 @@ def episodes(batch=2, way=3, shot=2, query=2, seed=0, side=2):
 
 
 @pytest.mark.parametrize("labels", ["onehot", "string"])
-def test_predict_contract_queries_independent_and_repeatable(labels):
+def test_each_query_is_scored_from_the_support_sequence_alone(labels):
+    """Queries are not written to the memory: changing one query changes only its scores."""
     torch.manual_seed(0)
     m = small(labels=labels).eval()
     ep = episodes()
     with torch.no_grad():
         logits = m.predict(ep.support_x, ep.support_y, ep.query_x, 3)
-        assert logits.shape == (2, 6, 3) and torch.isfinite(logits).all()
-        torch.testing.assert_close(logits, m.predict(ep.support_x, ep.support_y, ep.query_x, 3))
         other = ep.query_x.clone()
         other[:, 0] = torch.randn_like(other[:, 0])
         changed = m.predict(ep.support_x, ep.support_y, other, 3)
@@ -222,7 +221,7 @@ def test_mann_learns_to_bind_labels_second_instance_beats_first():
 def test_cli_trains_mann_and_reports_accuracy_by_instance(tmp_path):
     """metarun algo=mann: per-instance accuracy in metrics.jsonl, results.json and the wandb
     summary (offline), beside the standard 5-way 1-shot test accuracy."""
-    from test_wandb import item_key, read_wandb_records
+    from wandb_records import item_key, read_wandb_records
 
     run = tmp_path / "run"
     run_cli(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import contract_inputs, learning_run
+from conftest import learning_run
 
 from metarun.algorithms import conv4
 from metarun.algorithms.metanet import MetaNet
@@ -73,23 +73,6 @@ def test_the_fast_weights_change_the_predictions():
         learner.d_out.weight.normal_(0.0, 5.0)
         moved_q = predict()
     assert (logits - moved).abs().max() > 1e-3 and (logits - moved_q).abs().max() > 1e-4
-
-
-def test_predict_contract():
-    learner = small().eval()
-    support_x, support_y, query_x = contract_inputs()
-    before = {k: v.clone() for k, v in learner.state_dict().items()}
-    with torch.no_grad():
-        logits = learner.predict(support_x, support_y, query_x, 3)
-        again = learner.predict(support_x, support_y, query_x)
-        alone = learner.predict(support_x[1:], support_y[1:], query_x[1:], 3)
-    assert logits.shape == (2, 9, 3) and torch.equal(logits, again)
-    assert torch.allclose(logits[1:], alone, atol=1e-6)  # a task's scores are its own
-    assert all(torch.equal(v, before[k]) for k, v in learner.state_dict().items())
-    with torch.no_grad():  # fewer classes than the output layer: its first outputs
-        assert learner.predict(support_x[:, :4], support_y[:, :4], query_x, 2).shape == (2, 9, 2)
-    with pytest.raises(ConfigError, match="3-way output layer"):
-        learner.predict(torch.rand(1, 4, 1, 28, 28), torch.arange(4)[None], query_x[:1], 4)
 
 
 def test_one_support_example_has_no_pairs_and_still_predicts():

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import pickle
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from fakes import SPLIT_CLASSES, csv_form, pickle_form
 
 import metarun.data.miniimagenet as mini
 from metarun.data import ConfigError, DataError
 from metarun.data.images import Preprocess
 from metarun.data.miniimagenet import miniimagenet
-
-SPLIT_CLASSES = {"train": ["n01", "n02", "n03"], "val": ["n04", "n05"], "test": ["n06", "n07"]}
 
 
 @pytest.fixture(autouse=True)
@@ -22,37 +19,6 @@ def small_splits(monkeypatch):
     """The loader refuses splits smaller than the published ones: describe the fixtures'."""
     monkeypatch.setattr(mini, "SPLIT_CLASSES", {s: len(c) for s, c in SPLIT_CLASSES.items()})
     monkeypatch.setattr(mini, "IMAGES_PER_CLASS", 3)
-
-
-def csv_form(root, per_class=3, size=20):
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    for split, classes in SPLIT_CLASSES.items():
-        lines = ["filename,label"]
-        for c in classes:
-            for i in range(per_class):
-                name = f"{c}{i:04d}.jpg"
-                arr = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
-                Image.fromarray(arr).save(root / "images" / name)
-                lines.append(f"{name},{c}")
-        (root / f"{split}.csv").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def pickle_form(root, per_class=3, side=84):
-    rng = np.random.default_rng(1)
-    root.mkdir(parents=True)
-    for split, classes in SPLIT_CLASSES.items():
-        n = per_class * len(classes)
-        data = {
-            "image_data": rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8),
-            "class_dict": {
-                c: list(range(k * per_class, (k + 1) * per_class)) for k, c in enumerate(classes)
-            },
-        }
-        with open(root / f"mini-imagenet-cache-{split}.pkl", "wb") as f:
-            pickle.dump(data, f)
-    return root, data
 
 
 @pytest.mark.parametrize("form", ["csv", "pickle"])

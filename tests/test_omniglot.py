@@ -6,17 +6,14 @@ real small archives when they are available (read-only, never written to).
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import io
 import os
 import zipfile
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from fakes import FULL, expect, make_root, write_zip
 
 import metarun.data.omniglot as om
 from metarun.data.images import Preprocess
@@ -32,10 +29,6 @@ SMALL = {
         "Tagalog",
     ),
 }
-FULL = {
-    "images_background.zip": (*DEFAULT_VAL_ALPHABETS, "Greek", "Latin"),
-    "images_evaluation.zip": ("Angelic", "Tengwar"),
-}
 OFFICIAL = om.CONTENTS  # before any test replaces it with the fakes' contents
 REAL_DIR = Path(
     os.environ.get(
@@ -43,49 +36,6 @@ REAL_DIR = Path(
         Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "omniglot",
     )
 )
-
-
-@functools.cache
-def drawing(label: str) -> bytes:
-    """A 105x105 1-bit PNG, black stroke on white, different for every label."""
-    seed = zlib.crc32(label.encode())
-    img = Image.new("1", (105, 105), 1)
-    x, y = 10 + seed % 60, 10 + (seed >> 8) % 60
-    ImageDraw.Draw(img).line([(x, y), (x + 30, y + 25), (x + 5, y + 30)], fill=0, width=5)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_zip(
-    path: Path, alphabets, chars: int = 2, images: int = 20, bad_member: str = ""
-) -> None:
-    """A fake archive with the real layout <stem>/<Alphabet>/characterNN/<id>_<drawer>.png."""
-    stem = path.name[:-4]
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(f"{stem}/", b"")
-        for alphabet in alphabets:
-            for c in range(1, chars + 1):
-                folder = f"{stem}/{alphabet}/character{c:02d}"
-                for i in range(1, images + 1):
-                    member = f"{folder}/{c:04d}_{i:02d}.png"
-                    # keyed without the archive: same drawing in both zips, like the real files
-                    label = f"{alphabet}/{c}/{i}"
-                    zf.writestr(member, b"not a png" if member == bad_member else drawing(label))
-
-
-def make_root(root: Path, archives: dict, **kw) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for name, alphabets in archives.items():
-        write_zip(root / name, alphabets, **kw)
-    return root
-
-
-def expect(monkeypatch, archives: dict, chars: int = 2, images: int = 20) -> None:
-    """Make the loader's table of official contents describe the fakes (write_zip's layout)."""
-    fakes = {name: dict.fromkeys(alphabets, chars) for name, alphabets in archives.items()}
-    monkeypatch.setattr(om, "CONTENTS", {**om.CONTENTS, **fakes})
-    monkeypatch.setattr(om, "DRAWINGS", images)
 
 
 @pytest.fixture(autouse=True)

@@ -11,20 +11,6 @@ from metarun.algorithms import ProtoNet, conv4
 from metarun.runners.evaluate import mean_ci95
 
 
-@pytest.mark.parametrize("way,shot,query,batch", [(3, 2, 4, 5), (7, 1, 2, 2), (4, 5, 1, 3)])
-def test_predict_returns_query_logits_per_task(way, shot, query, batch):
-    torch.manual_seed(0)
-    learner = ProtoNet(conv4(hidden=8))
-    support_x = torch.rand(batch, way * shot, 1, 28, 28)
-    support_y = torch.arange(way).repeat_interleave(shot).expand(batch, -1)
-    query_x = torch.rand(batch, way * query, 1, 28, 28)
-    learner.eval()  # batch norm on running statistics, so both calls see the same network
-    logits = learner.predict(support_x, support_y, query_x, way)
-    assert logits.shape == (batch, way * query, way)
-    # without `way`, it is read from the labels, with the same result
-    assert torch.equal(logits, learner.predict(support_x, support_y, query_x))
-
-
 def test_logits_are_negative_squared_distances_to_class_means():
     learner = ProtoNet(nn.Flatten())  # identity embedding makes the arithmetic visible
     support_x = torch.tensor([[[0.0, 0.0]], [[2.0, 0.0]], [[10.0, 10.0]]])[None]  # [1, 3, 1, 2]

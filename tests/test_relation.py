@@ -34,17 +34,12 @@ def identity(*feature_shape):
 
 
 @pytest.mark.parametrize("kind", BACKBONES)
-@pytest.mark.parametrize("way,shot,query,batch", [(3, 1, 4, 2), (4, 3, 2, 3)])
-def test_predict_returns_relation_scores_per_task(kind, way, shot, query, batch):
+def test_relation_scores_are_sigmoids_in_0_1(kind):
     torch.manual_seed(0)
-    learner = RelationNet(BACKBONES[kind](), hidden=16)
-    support_x, support_y, query_x = tasks(batch, way, shot, query)
-    learner.eval()  # batch norm on running statistics, so both calls see the same network
-    scores = learner.predict(support_x, support_y, query_x, way)
-    assert scores.shape == (batch, way * query, way)
-    assert scores.min() >= 0 and scores.max() <= 1  # sigmoid relation scores
-    # without `way`, it is read from the labels, with the same result
-    assert torch.equal(scores, learner.predict(support_x, support_y, query_x))
+    learner = RelationNet(BACKBONES[kind](), hidden=16).eval()
+    support_x, support_y, query_x = tasks(3, 4, 3, 2)
+    scores = learner.predict(support_x, support_y, query_x, 4)
+    assert scores.min() >= 0 and scores.max() <= 1
 
 
 def test_support_order_does_not_matter():

@@ -29,21 +29,6 @@ def labelled_episodes(batch: int, way: int, shot: int, query: int, size: int = 4
     )
 
 
-@pytest.mark.parametrize("way,shot,query,batch", [(3, 1, 4, 5), (7, 1, 2, 2), (4, 5, 1, 3)])
-def test_predict_returns_query_logits_per_task(way, shot, query, batch):
-    torch.manual_seed(0)
-    learner = Siamese(conv4(hidden=8))
-    support_x = torch.rand(batch, way * shot, 1, 28, 28)
-    support_y = torch.arange(way).repeat_interleave(shot).expand(batch, -1)
-    query_x = torch.rand(batch, way * query, 1, 28, 28)
-    learner.eval()  # batch norm on running statistics, so both calls see the same network
-    with torch.no_grad():
-        logits = learner.predict(support_x, support_y, query_x, way)
-        assert logits.shape == (batch, way * query, way)
-        # without `way`, it is read from the labels, with the same result
-        assert torch.equal(logits, learner.predict(support_x, support_y, query_x))
-
-
 def test_logits_average_the_weighted_l1_similarity_over_each_class_shots():
     encoder = nn.Flatten()  # identity embedding makes the arithmetic visible
     encoder.feature_shape = (2,)

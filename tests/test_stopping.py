@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_with, read_jsonl, run_cli
-from test_wandb import item_key, read_wandb_records
+from wandb_records import item_key, read_wandb_records
 
 from metarun.errors import StoppedError
 from metarun.runners.trainer import Trainer

@@ -8,6 +8,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from fakes import NAMES, PER_CLASS, arrays, write_labels
 from PIL import Image
 
 import metarun.data.tiered as tiered
@@ -16,26 +17,11 @@ from metarun.data.images import Preprocess
 from metarun.data.store import cache_dir
 from metarun.data.tiered import tiered_imagenet
 
-NAMES = ["n001", "n002", "n003"]
-PER_CLASS = 4
-
 
 @pytest.fixture(autouse=True)
 def small_splits(monkeypatch):
     """The loader refuses splits smaller than the published ones: describe the fixtures'."""
     monkeypatch.setattr(tiered, "SPLIT_CLASSES", dict.fromkeys(("train", "val", "test"), 3))
-
-
-def arrays(side=20, seed=0):
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(3), PER_CLASS)[::-1].copy()  # classes not in order on disk
-    images = rng.integers(0, 256, (len(labels), side, side, 3), dtype=np.uint8)
-    return images, labels
-
-
-def write_labels(path, labels):
-    with open(path, "wb") as f:
-        pickle.dump({"label_specific": labels, "label_specific_str": NAMES}, f)
 
 
 def png(arr):

@@ -6,10 +6,9 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import FAST, compose_with, run_cli
+from conftest import FAST, NEEDS, OPTIONS, compose_with, run_cli
 from hydra.utils import get_method
 from omegaconf import OmegaConf
-from test_config import NEEDS, OPTIONS
 
 from metarun.errors import ConfigError
 from metarun.runners.validate import GROUPS, KNOBS, parameters, validate
