@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import compose_with, run_cli
 
+from metarun.runners.build import learners_that
 from metarun.runners.trainer import Trainer
 
 # regression tasks on the paper's 2x40 network: no batch norm, so a task's gradient does
@@ -30,10 +31,16 @@ SINUSOID = [
     "eval.episodes=10",
     "device=cpu",
 ]
-LEARNERS = {
-    "maml": ["algo=maml", "algo.inner_lr=0.01"],
-    "reptile": ["algo=reptile", "algo.inner_lr=0.02", "algo.inner_optimizer=sgd"],
-    "imaml": ["algo=imaml", "algo.inner_lr=0.01", "algo.inner_steps=5", "algo.cg_steps=3"],
+# the learners that can fit sinusoids, from the registry (their classes' supports_regression),
+# with optional settings for a short stable run (a learner without an entry: its defaults)
+LEARNERS = learners_that("supports_regression")
+SETTINGS = {
+    "maml": ["algo.inner_lr=0.01"],
+    "fomaml": ["algo.inner_lr=0.01"],
+    "metasgd": ["algo.inner_lr=0.01"],
+    "anil": ["algo.inner_lr=0.01"],
+    "reptile": ["algo.inner_lr=0.02", "algo.inner_optimizer=sgd"],
+    "imaml": ["algo.inner_lr=0.01", "algo.inner_steps=5", "algo.cg_steps=3"],
 }
 
 
@@ -81,9 +88,10 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(LEARNERS))
+@pytest.mark.parametrize("name", LEARNERS)
 def test_two_processes_equal_one_with_the_same_total_meta_batch(tmp_path, name):
-    args = [*SINUSOID, *LEARNERS[name], "trainer.steps=6", "trainer.log_every=3"]
+    args = [*SINUSOID, f"algo={name}", *SETTINGS.get(name, []), "trainer.steps=6"]
+    args.append("trainer.log_every=3")
     one_process(args, tmp_path / "one")
     torchrun(*args, f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
@@ -103,7 +111,7 @@ def test_two_processes_equal_one_with_the_same_total_meta_batch(tmp_path, name):
 
 @pytest.mark.slow
 def test_a_two_process_run_resumes_from_its_checkpoint_like_one_process(tmp_path):
-    args = [*SINUSOID, *LEARNERS["maml"], "trainer.log_every=3"]
+    args = [*SINUSOID, "algo=maml", *SETTINGS["maml"], "trainer.log_every=3"]
     one_process([*args, "trainer.steps=6"], tmp_path / "one")
     torchrun(*args, "trainer.steps=3", f"hydra.run.dir={tmp_path / 'two'}", cwd=tmp_path)
     # every rank continues from rank 0's checkpoint, in rank 0's run directory
