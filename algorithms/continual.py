@@ -12,8 +12,8 @@ continual learner is a classifier whose heads are fixed by the sequence before t
 `FineTune` trains on each task in turn with nothing to protect what it learned before: the
 forgetting to beat. `EWC` adds Kirkpatrick et al.'s (PNAS 2017) quadratic penalty.
 
-Status (issue 22): the learners and their mathematics are tested; the continual runner
-(mode=continual), joint training, DEN and OML are not written yet.
+`Joint` trains on every task at once: the reference above. The runner is
+runners/continual.py (mode=continual). Status (issue 22): DEN and OML are not written yet.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ class ContinualLearner(nn.Module):
     """A backbone and the heads its scenario needs (see the module docstring)."""
 
     title = "this learner"
+    continual = True  # trained on a task sequence by mode=continual (runners/continual.py)
     scenarios: tuple[str, ...] = SCENARIOS
     refusal = ""  # why a scenario outside `scenarios` cannot be served
 
@@ -95,6 +96,15 @@ class FineTune(ContinualLearner):
     """Plain sequential training: each task's data in turn, no protection of the others."""
 
     title = "fine-tuning"
+
+
+class Joint(ContinualLearner):
+    """Every task's training images at once (interleaved mini-batches): not continual, the
+    reference that sequential learners are measured against. mode=continual trains it once,
+    after the last task arrives, so only R's last row exists."""
+
+    title = "joint training"
+    joint = True
 
 
 class EWC(ContinualLearner):

@@ -182,7 +182,16 @@ def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:
     return rows
 
 
-MODES = {"train": train, "test": test, "predict": predict}
+def continual(cfg: DictConfig, run_dir: Path) -> dict:
+    from metarun.runners.continual import ContinualRun
+
+    resume = cfg.get("resume")
+    if resume == "auto":
+        raise ConfigError("mode=continual resumes from a checkpoint path: resume=PATH/last.pt")
+    return ContinualRun(cfg, run_dir, resolve_device(cfg.device)).run(resume)
+
+
+MODES = {"train": train, "test": test, "predict": predict, "continual": continual}
 
 
 def optimizing() -> bool:

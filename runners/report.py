@@ -184,6 +184,12 @@ def collect(paths: list[str]) -> tuple[list[Run], list[Path]]:
             runs += [load_run(job, f"{prefix}{job.name}") for job in job_folders(folder)]
         elif is_run(folder):
             runs.append(load_run(folder, folder.name))
+    if any((r.results or {}).get("mode") == "continual" for r in runs):
+        raise ConfigError(
+            "metarun report does not draw mode=continual runs yet (issue 22): each run's "
+            "accuracy matrix is in its continual.csv and results.json, and a sweep's summary "
+            "table gives their average accuracy and backward transfer"
+        )
     if not runs:
         raise ConfigError(
             f"no runs in {', '.join(paths)}: a run folder holds results.json or metrics.jsonl, "

@@ -66,6 +66,22 @@ def results_record(cfg: DictConfig, result: dict, **extra) -> dict:
 def write_results(run_dir: Path, results: dict) -> None:
     path = Path(run_dir) / "results.json"
     write_text_atomic(path, json.dumps(results, indent=2) + "\n", "results file")
+    if results.get("mode") == "continual":
+
+        def pct(key):
+            return "undefined" if results[key] is None else f"{100 * results[key]:+.2f}%"
+
+        log.info(
+            "average accuracy %.2f%% after %d tasks (%s-incremental), backward transfer %s, "
+            "forward transfer %s -> %s",
+            100 * results["average_accuracy"],
+            results["tasks"],
+            results["scenario"],
+            pct("backward_transfer"),
+            pct("forward_transfer"),
+            path,
+        )
+        return
     if "test_mse" in results:
         log.info(
             "test MSE %.4f ± %.4f (95%% CI, %d tasks of %d-shot regression) -> %s",

@@ -28,6 +28,7 @@ COLUMNS = (
     "metric",
     "paper",
     "paper_ci95",
+    "backward_transfer",  # mode=continual: the test column is the average accuracy
     "steps",
     "seconds",
     "status",
@@ -49,7 +50,18 @@ def job_rows(sweep_dir: Path) -> list[dict]:
         row["job"] = job.name
         row["overrides"] = [o for o in overrides if not o.startswith("hydra.")]
         results, error = results_folder(job) / "results.json", job / ERROR_FILE
-        if results.exists():
+        if results.exists() and json.loads(results.read_text()).get("mode") == "continual":
+            r = json.loads(results.read_text())
+            row.update(
+                test=r["average_accuracy"],
+                ci95=None,
+                metric="acc",
+                backward_transfer=r["backward_transfer"],
+                steps=r.get("tasks", ""),
+                seconds=r.get("seconds", ""),
+                status="ok",
+            )
+        elif results.exists():
             r = json.loads(results.read_text())
             metric = "mse" if "test_mse" in r else "acc"
             paper = r.get("paper") if isinstance(r.get("paper"), dict) else {}
@@ -109,6 +121,12 @@ def paper_cell(row: dict) -> str:
     return with_ci(row["paper"], None if ci in ("", None) else ci, row["metric"])
 
 
+def transfer_cell(row: dict) -> str:
+    """A continual run's backward transfer in points (negative: forgetting)."""
+    value = row.get("backward_transfer")
+    return f"{100 * value:+.2f}" if isinstance(value, int | float) else ""
+
+
 def seconds_cell(row: dict) -> str:
     return f"{row['seconds']:.0f} s" if isinstance(row["seconds"], int | float) else ""
 
@@ -131,15 +149,18 @@ def write_summary(sweep_dir: Path, rows: list[dict]) -> tuple[Path, Path]:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows({**r, "overrides": " ".join(r["overrides"])} for r in rows)
+    continual = any(r["backward_transfer"] not in ("", None) for r in rows)
+    extra = " backward transfer |" if continual else ""
     lines = [
-        "| job | overrides | test (95% CI) | paper | steps | time | status |",
-        "|---|---|---|---|---|---|---|",
+        f"| job | overrides | test (95% CI) | paper |{extra} steps | time | status |",
+        "|---|---|---|---|" + ("---|" if continual else "") + "---|---|---|",
     ]
     for r, overrides in zip(rows, swept(rows)):
         status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
         status = status.replace("|", "\\|").replace("\n", " ")
+        bwt = f" {transfer_cell(r)} |" if continual else ""
         lines.append(
-            f"| {r['job']} | `{overrides}` | {test_cell(r)} | {paper_cell(r)} | {r['steps']} | "
+            f"| {r['job']} | `{overrides}` | {test_cell(r)} | {paper_cell(r)} |{bwt} {r['steps']} | "
             f"{seconds_cell(r)} | {status} |"
         )
     md_path.write_text("\n".join(lines) + "\n")
@@ -152,14 +173,24 @@ def print_summary(rows: list[dict], sweep_dir: Path) -> None:
 
     table = Table(title=f"metarun sweep: {sweep_dir}")
     papers = any(r.get("paper") not in ("", None) for r in rows)
+    continual = any(r["backward_transfer"] not in ("", None) for r in rows)
     names = ("job", "overrides", "test (95% CI)") + (("paper",) if papers else ())
+    names += ("backward transfer",) if continual else ()
     for name in names + ("steps", "time", "status"):
         table.add_column(name)
     for r, overrides in zip(rows, swept(rows)):
         status = "ok" if r["status"] == "ok" else f"{r['status']}: {r['error']}".rstrip(": ")
         paper = (paper_cell(r),) if papers else ()
+        bwt = (transfer_cell(r),) if continual else ()
         table.add_row(
-            r["job"], overrides, test_cell(r), *paper, str(r["steps"]), seconds_cell(r), status
+            r["job"],
+            overrides,
+            test_cell(r),
+            *paper,
+            *bwt,
+            str(r["steps"]),
+            seconds_cell(r),
+            status,
         )
     Console(file=sys.stdout, width=160).print(table)
 

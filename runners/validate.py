@@ -26,7 +26,7 @@ from metarun.errors import ConfigError
 from metarun.runners.build import choice as chosen
 from metarun.runners.build import describes, learner_class, learners_that
 
-MODES = ("train", "test", "predict")
+MODES = ("train", "test", "predict", "continual")
 SEED_MAX = 2**63 - 1
 Check = Callable[[str, Any], "str | None"]
 
@@ -51,9 +51,9 @@ def integer(low: int | None = None, high: int | None = None, optional: bool = Fa
 
 
 def number(
-    lo: float | None = None, hi: float | None = None, lo_open=False, optional=False
+    lo: float | None = None, hi: float | None = None, lo_open=False, optional=False, hi_open=False
 ) -> Check:
-    bounds = Range(lo, hi, low_open=lo_open)
+    bounds = Range(lo, hi, low_open=lo_open, high_open=hi_open)
 
     def check(key, value):
         if value is None and optional:
@@ -150,6 +150,16 @@ KNOBS: dict[str, Check] = {
     "eval.query": integer(1),
     "eval.seed": integer(0, SEED_MAX),
     "eval.batch": integer(1, optional=True),
+    "continual.scenario": choice("task", "class", "domain"),
+    "continual.tasks": integer(1),
+    "continual.split": choice("train", "val", "test"),
+    "continual.grouping": choice("classes", "prefix"),
+    "continual.classes_per_task": integer(1, optional=True),
+    "continual.transform": choice("permutation", "rotation"),
+    "continual.classes": integer(2),
+    "continual.test_fraction": number(0, 1, lo_open=True, hi_open=True),
+    "continual.epochs": integer(1),
+    "continual.batch": integer(1),
     "paths.output_root": text(),
     "paths.if_exists": choice("refuse", "new"),
 }
@@ -181,7 +191,11 @@ def resolved(cfg: DictConfig) -> dict:
 def flat(node: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in node.items():
-        if isinstance(value, dict) and key in ("trainer", "eval", "paths") and not prefix:
+        if (
+            isinstance(value, dict)
+            and key in ("trainer", "eval", "paths", "continual")
+            and not prefix
+        ):
             out.update(flat(value, f"{key}."))
         else:
             out[f"{prefix}{key}"] = value
@@ -383,6 +397,17 @@ def report(errors: list[str]) -> None:
 
 def check_combinations(cfg: DictConfig, plain: dict) -> None:
     """Settings that are each fine but do not fit together."""
+    continual = getattr(learner_class(cfg), "continual", False)
+    if plain["mode"] == "continual" and not continual:
+        raise ConfigError(
+            f"mode=continual needs a continual learner; algo={chosen(cfg, 'algo')} is a "
+            f"meta-learner: use algo={'|'.join(learners_that('continual'))}"
+        )
+    if plain["mode"] in ("train", "test") and continual:
+        raise ConfigError(
+            f"algo={chosen(cfg, 'algo')} is a continual learner: run it with mode=continual "
+            "(a task sequence from continual.*; see docs/continual.md)"
+        )
     head = plain["algo"].get("way")  # learners with a classifier head of fixed size
     if isinstance(head, int) and plain["eval"]["way"] > head:
         raise ConfigError(

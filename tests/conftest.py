@@ -20,7 +20,7 @@ HAVE_OMNIGLOT = all((OMNIGLOT_DIR / f"images_background_small{i}.zip").is_file()
 CONF = REPO / "conf"
 # the registry of learners: every conf/algo/*.yaml (a new learner's yaml puts it under every
 # registry-parametrized test: contract, precision, resume)
-ALGOS = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
+REGISTRY = sorted(p.stem for p in (CONF / "algo").glob("*.yaml"))
 # optional settings that make a learner quick enough for a test step (a learner without an
 # entry runs with its own defaults)
 SMALL = {
@@ -71,7 +71,7 @@ def configure(learner, lr: float):
     from hydra.utils import instantiate
 
     target = f"{type(learner).__module__}.{type(learner).__qualname__}"
-    name = next((n for n in ALGOS if algo_target(n) == target), None)
+    name = next((n for n in REGISTRY if algo_target(n) == target), None)
     if name is None:
         return learner.configure_optimizer(functools.partial(torch.optim.Adam, lr=lr))
     cfg = compose_with(f"algo={name}", f"trainer.lr={lr}")
@@ -192,3 +192,10 @@ def trained_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
     run_cli(*FAST, f"hydra.run.dir={root / 'run'}", cwd=root)
     return root / "run"
+
+
+# the meta-learners (the contract, precision and resume tests run over them) and the
+# continual learners (mode=continual), told apart by their classes' `continual` flag
+ALGOS = [n for n in REGISTRY if not getattr(learner_class(n), "continual", False)]
+CONTINUAL = [n for n in REGISTRY if getattr(learner_class(n), "continual", False)]
+NEEDS.update({("algo", n): ["mode=continual"] for n in CONTINUAL})
