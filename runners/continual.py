@@ -5,7 +5,7 @@ runners/continual_metrics.py).
     metarun mode=continual algo=ewc continual.scenario=task continual.tasks=5
 
 The sequence comes from the `continual` settings (data/sequences.py), the learner from
-`algo` (a ContinualLearner: algo=finetune, ewc), the optimizer from `optimizer` (made
+`algo` (a ContinualLearner, e.g. algo=finetune or ewc), the optimizer from `optimizer` (made
 afresh for every task, so no moment estimate carries one task's gradients into the next).
 Per task: `continual.epochs` passes over its training images in mini-batches of
 `continual.batch`, in an order drawn from (seed, task, epoch); then the learner's end_task
@@ -17,8 +17,7 @@ and has R's last row only.
 Written per run: results.json (average accuracy, backward and forward transfer, the
 accuracy curve, R), continual.csv (R), metrics.jsonl (one row per task), and
 checkpoints/last.pt and task-<t>.pt after every task, from which resume=PATH continues with
-the next task
-and ends as the uninterrupted run would (the order of every mini-batch is drawn from its
+the next task and ends as the uninterrupted run would (the order of every mini-batch is drawn from its
 seed, not from a running generator). Status (issue 22): a stop in the middle of a task loses
 that task's progress (it is trained again on resume); DEN and OML are not written yet.
 """
@@ -38,11 +37,18 @@ from metarun.data.images import to_float
 from metarun.data.sequences import ContinualTask, TaskSequence, class_sequence, domain_sequence
 from metarun.errors import CheckpointError, ConfigError
 from metarun.runners import checkpoint
-from metarun.runners.build import build_learner, build_store, choice, instantiate_clean
+from metarun.runners.build import (
+    build_learner,
+    build_store,
+    choice,
+    instantiate_clean,
+    learners_that,
+)
 from metarun.runners.continual_metrics import AccuracyMatrix
 from metarun.runners.files import write_text_atomic
 from metarun.runners.logging import RunLogger
 from metarun.runners.results import write_results
+from metarun.runners.trainer import check_compatible
 
 log = logging.getLogger("metarun")
 
@@ -83,7 +89,7 @@ class ContinualRun:
         if not isinstance(self.learner, ContinualLearner):
             raise ConfigError(
                 f"mode=continual needs a continual learner; algo={choice(cfg, 'algo')} is a "
-                "meta-learner (use algo=finetune or algo=ewc)"
+                f"meta-learner (use algo={'|'.join(learners_that('continual'))})"
             )
         self.scenario = cfg.continual.scenario
         self.learner.setup(self.scenario, [t.way for t in self.sequence.tasks])
@@ -106,13 +112,9 @@ class ContinualRun:
         state = checkpoint.load(path, trust=bool(self.cfg.get("trust_checkpoint", False)))
         if "next_task" not in state:
             raise CheckpointError(f"{path} is not a mode=continual checkpoint")
-        now = OmegaConf.to_container(self.cfg, resolve=True)
-        for key in ("algo", "data", "continual", "seed", "optimizer", "backbone"):
-            if state["config"].get(key) != now.get(key):
-                raise CheckpointError(
-                    f"cannot resume from {path}: {key} differs from the checkpoint's; resume "
-                    "with the same settings, or start a new run without resume="
-                )
+        # the trainer's rule: every setting outside RESUME_MAY_CHANGE as the checkpoint's
+        # (step 0: trainer.steps does not bound a continual run)
+        check_compatible(self.cfg, OmegaConf.create(state["config"]), str(path), 0)
         self.learner.load_state_dict(state["model"])
         self.matrix = AccuracyMatrix.from_state(state["matrix"])
         self.next_task, self.elapsed = state["next_task"], state["elapsed"]

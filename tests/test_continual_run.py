@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import compose_with, run_cli
 
-from metarun.errors import ConfigError
+from metarun.errors import CheckpointError, ConfigError
 from metarun.runners.continual import ContinualRun
 from metarun.runners.validate import validate
 
@@ -56,7 +56,7 @@ def test_a_run_continued_from_a_task_checkpoint_ends_as_the_uninterrupted_one(tm
     again = ContinualRun(cfg, tmp_path / "again", torch.device("cpu"))
     continued = again.run(tmp_path / "whole" / "checkpoints" / "task-0.pt")
     assert continued["R"] == whole["R"] and continued["initial"] == whole["initial"]
-    with pytest.raises(Exception, match="continual differs"):
+    with pytest.raises(CheckpointError, match="continual.epochs: checkpoint 2 vs now 3"):
         other = compose_with(*SMALL, "algo=ewc", "continual.epochs=3", "backbone.hidden=8")
         ContinualRun(other, tmp_path / "x", torch.device("cpu")).run(
             tmp_path / "whole" / "checkpoints" / "task-0.pt"
