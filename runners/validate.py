@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from metarun.algorithms.base import NAN_POLICIES
+from metarun.algorithms.continual import SCENARIOS
 from metarun.data.params import Range, finite_number
+from metarun.data.sequences import GROUPINGS, TRANSFORMS
 from metarun.errors import ConfigError
 from metarun.runners.build import choice as chosen
 from metarun.runners.build import describes, learner_class, learners_that
@@ -150,12 +152,12 @@ KNOBS: dict[str, Check] = {
     "eval.query": integer(1),
     "eval.seed": integer(0, SEED_MAX),
     "eval.batch": integer(1, optional=True),
-    "continual.scenario": choice("task", "class", "domain"),
+    "continual.scenario": choice(*SCENARIOS),
     "continual.tasks": integer(1),
     "continual.split": choice("train", "val", "test"),
-    "continual.grouping": choice("classes", "prefix"),
+    "continual.grouping": choice(*GROUPINGS),
     "continual.classes_per_task": integer(1, optional=True),
-    "continual.transform": choice("permutation", "rotation"),
+    "continual.transform": choice(*TRANSFORMS),
     "continual.classes": integer(2),
     "continual.test_fraction": number(0, 1, lo_open=True, hi_open=True),
     "continual.epochs": integer(1),
