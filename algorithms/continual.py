@@ -19,6 +19,7 @@ runners/continual.py (mode=continual). Status (issue 22): DEN and OML are not wr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,16 @@ from metarun.errors import ConfigError
 from .base import feature_shape
 
 SCENARIOS = ("task", "class", "domain")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stage of training on a task: mode=continual makes a fresh optimizer over
+    phase_parameters(phase) and passes `epochs` times over the task's training images
+    (None: continual.epochs). Most learners have one phase, "train"; DEN has several."""
+
+    name: str = "train"
+    epochs: int | None = None
 
 
 class ContinualLearner(nn.Module):
@@ -80,9 +91,35 @@ class ContinualLearner(nn.Module):
             return self.heads[task](z)
         return self.heads[0](z)
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor, task: int) -> torch.Tensor:
+    # -- how mode=continual trains a task (runners/continual.py) ---------------------------
+    def first_phase(self, task: int) -> Phase:
+        """The first stage of training on task `task`."""
+        return Phase()
+
+    def next_phase(
+        self, phase: Phase, task: int, x: torch.Tensor, y: torch.Tensor, loss: float
+    ) -> Phase | None:
+        """After `phase` (mean training loss `loss`; x, y the task's training images and
+        labels): the next phase, or None when the task's training is done. May change the
+        network (DEN grows and splits units here)."""
+        return None
+
+    def phase_parameters(self, phase: Phase):
+        """The weights the phase's optimizer updates."""
+        return self.parameters()
+
+    def loss(
+        self, x: torch.Tensor, y: torch.Tensor, task: int, phase: Phase | None = None
+    ) -> torch.Tensor:
         """The training loss on a mini-batch of task `task`: cross-entropy plus penalty()."""
         return F.cross_entropy(self(x, task), y) + self.penalty()
+
+    def after_update(self, phase: Phase, task: int) -> None:
+        """Called after every optimizer step (DEN puts frozen weights back here)."""
+
+    def describe(self) -> dict:
+        """Figures about the learner logged after every task (e.g. DEN's network size)."""
+        return {}
 
     def penalty(self) -> torch.Tensor:
         """What protects earlier tasks (none for plain fine-tuning)."""

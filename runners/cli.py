@@ -185,10 +185,8 @@ def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:
 def continual(cfg: DictConfig, run_dir: Path) -> dict:
     from metarun.runners.continual import ContinualRun
 
-    resume = cfg.get("resume")
-    if resume == "auto":
-        raise ConfigError("mode=continual resumes from a checkpoint path: resume=PATH/last.pt")
-    return ContinualRun(cfg, run_dir, resolve_device(cfg.device)).run(resume)
+    run_dir, ckpt = resume_point(cfg, run_dir)  # resume= as for mode=train
+    return ContinualRun(cfg, run_dir, resolve_device(cfg.device)).run(ckpt)
 
 
 MODES = {"train": train, "test": test, "predict": predict, "continual": continual}

@@ -14,28 +14,42 @@ Before any training, row -1 holds the untrained network's accuracies (forward tr
 reference). A learner with `joint = True` trains once on every task's images, interleaved,
 and has R's last row only.
 
+A learner may train a task in several phases (algorithms/continual.py, Phase: DEN's
+selective retraining, expansion and split), each with a fresh optimizer over the weights
+it trains; after each phase the learner names the next one.
+
 Written per run: results.json (average accuracy, backward and forward transfer, the
 accuracy curve, R), continual.csv (R), metrics.jsonl (one row per task), and
-checkpoints/last.pt and task-<t>.pt after every task, from which resume=PATH continues with
-the next task and ends as the uninterrupted run would (the order of every mini-batch is drawn from its
-seed, not from a running generator). Status (issue 22): a stop in the middle of a task loses
-that task's progress (it is trained again on resume); DEN and OML are not written yet.
+checkpoints/last.pt and task-<t>.pt after every task. Inside a task last.pt is also written
+every `continual.ckpt_every` updates and when SIGTERM or SIGINT arrives (after the update in
+progress; a second signal: at once, at the last whole update), holding where the task's
+training is (Cursor: phase, epoch, update, the optimizer's state). resume=PATH (a run
+folder or a .pt file) or resume=auto continues from it and ends bit-identically to the
+uninterrupted run: every mini-batch order is drawn from its (seed, task, epoch, phase), not
+from a running generator. Every change of state happens in a block that signals wait for
+(scoring every task after a task included, seconds on the small data sets), so a stop
+always finds a state it can continue from; kill -9 loses the updates since the last
+checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shlex
+import signal
 import time
+import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metarun.algorithms.continual import ContinualLearner
+from metarun.algorithms.continual import ContinualLearner, Phase
 from metarun.data.images import to_float
 from metarun.data.sequences import ContinualTask, TaskSequence, class_sequence, domain_sequence
-from metarun.errors import CheckpointError, ConfigError
+from metarun.errors import CheckpointError, ConfigError, StoppedError
 from metarun.runners import checkpoint
 from metarun.runners.build import (
     build_learner,
@@ -48,7 +62,8 @@ from metarun.runners.continual_metrics import AccuracyMatrix
 from metarun.runners.files import write_text_atomic
 from metarun.runners.logging import RunLogger
 from metarun.runners.results import write_results
-from metarun.runners.trainer import check_compatible
+from metarun.runners.stopping import Interrupted, stop_signals
+from metarun.runners.trainer import check_compatible, command_overrides
 
 log = logging.getLogger("metarun")
 
@@ -96,12 +111,22 @@ class ContinualRun:
         self.learner.to(device)
         self.matrix = AccuracyMatrix(len(self.sequence))
         self.next_task, self.elapsed = 0, 0.0
+        # inside a task: where its training is (see Cursor); None between tasks
+        self.cursor: Cursor | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.updates = 0  # every update of the run, for continual.ckpt_every
+        self.ckpt_dir = self.run_dir / "checkpoints"
 
+    # -- checkpoints ---------------------------------------------------------------------
     def state(self) -> dict:
+        inside = self.cursor is not None
         return {
             "model": self.learner.state_dict(),
             "matrix": self.matrix.state_dict(),
             "next_task": self.next_task,
+            "cursor": self.cursor.state() if inside else None,
+            "optimizer": self.optimizer.state_dict() if inside and self.optimizer else None,
+            "updates": self.updates,
             "elapsed": self.elapsed,
             "rng": checkpoint.rng_state(),
             "step": self.next_task,
@@ -115,44 +140,131 @@ class ContinualRun:
         # the trainer's rule: every setting outside RESUME_MAY_CHANGE as the checkpoint's
         # (step 0: trainer.steps does not bound a continual run)
         check_compatible(self.cfg, OmegaConf.create(state["config"]), str(path), 0)
-        self.learner.load_state_dict(state["model"])
+        self.learner.load_state_dict(state["model"])  # a growing learner takes its shapes
+        self.learner.to(self.device)
         self.matrix = AccuracyMatrix.from_state(state["matrix"])
         self.next_task, self.elapsed = state["next_task"], state["elapsed"]
+        self.updates = state.get("updates", 0)
+        self.cursor = Cursor.from_state(state.get("cursor"))
+        if self.cursor is not None and self.cursor.phase is not None:
+            self.optimizer = self.make_optimizer(self.cursor.phase)
+            if state.get("optimizer") is not None:
+                self.optimizer.load_state_dict(state["optimizer"])
         checkpoint.set_rng_state(state["rng"])
 
-    def train_task(self, tasks: list[ContinualTask], index: int) -> float:
-        """Train on `tasks`' images (one task; a joint learner: all of them, interleaved);
-        returns the mean training loss."""
+    def save(self, *names: str) -> Path:
+        """The run as it is now, in checkpoints/<name> (signals wait until written)."""
+        with stop_signals() as signals, signals.shielded():
+            state = self.state()
+            for name in names:
+                checkpoint.save_atomic(state, self.ckpt_dir / name)
+        return self.ckpt_dir / names[0]
+
+    def where(self) -> str:
+        t = f"task {self.next_task + 1} of {len(self.sequence)}"
+        c = self.cursor
+        if c is None or c.phase is None:
+            return t if c is None else f"{t} (trained, not yet scored)"
+        return f"{t}, phase {c.phase.name}, epoch {c.epoch + 1}, update {c.batch}"
+
+    def stop(self, signum: int, at_once: bool) -> None:
+        path = self.save("last.pt")
+        words = ["metarun", *command_overrides(), f"resume={shlex.quote(str(self.run_dir))}"]
+        how = "stopped at once by a second signal" if at_once else "interrupted by"
+        raise StoppedError(
+            f"{how} {signal.Signals(signum).name} at {self.where()}; checkpoint written to "
+            f"{path}. Resume with:\n  {' '.join(words)}",
+            exit_code=128 + signum,
+        )
+
+    # -- training ------------------------------------------------------------------------
+    def make_optimizer(self, phase: Phase) -> torch.optim.Optimizer:
+        """A fresh optimizer per task and phase: no moment estimate carries one task's
+        gradients into the next."""
+        params = list(self.learner.phase_parameters(phase))
+        return instantiate_clean(self.cfg.optimizer)(params)
+
+    def batches(self, tasks: list[ContinualTask], epoch: int, phase: Phase) -> list:
+        """The epoch's mini-batches (task, indices), drawn from (seed, task, epoch, phase)
+        alone, so that a resumed run draws the same ones."""
         c = self.cfg.continual
-        learner = self.learner
-        learner.train()
-        optimizer = instantiate_clean(self.cfg.optimizer)(learner.parameters())
-        losses = []
-        for epoch in range(c.epochs):
-            batches = []
-            for task in tasks:
-                g = torch.Generator().manual_seed(
-                    (self.cfg.seed * 1009 + task.index) * 1009 + epoch
-                )
-                order = torch.randperm(len(task.train_y), generator=g)
-                batches += [(task, idx) for idx in order.split(c.batch)]
-            if len(tasks) > 1:  # interleave the tasks' batches in a seeded order
-                g = torch.Generator().manual_seed((self.cfg.seed * 1009 + 999_983) * 1009 + epoch)
-                batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-            for task, idx in batches:
-                x = to_float(task.train_x[idx].to(self.device))
-                y = head_labels(task, task.train_y[idx], self.scenario).to(self.device)
-                loss = learner.loss(x, y, task.index)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite loss on task {index}; lower trainer.lr (or the optimizer's "
-                        "settings) and run again"
-                    )
-                optimizer.step()
-                losses.append(loss.detach())
-        return float(torch.stack(losses).mean()) if losses else float("nan")
+        salt = phase_salt(phase.name)
+        out = []
+        for task in tasks:
+            g = torch.Generator().manual_seed(
+                ((self.cfg.seed * 1009 + task.index) * 1009 + epoch) * 1009 + salt
+            )
+            order = torch.randperm(len(task.train_y), generator=g)
+            out += [(task, idx) for idx in order.split(c.batch)]
+        if len(tasks) > 1:  # interleave the tasks' batches in a seeded order
+            g = torch.Generator().manual_seed(
+                ((self.cfg.seed * 1009 + 999_983) * 1009 + epoch) * 1009 + salt
+            )
+            out = [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
+        return out
+
+    def update(self, task: ContinualTask, idx: torch.Tensor, phase: Phase) -> None:
+        learner, c = self.learner, self.cursor
+        x = to_float(task.train_x[idx].to(self.device))
+        y = head_labels(task, task.train_y[idx], self.scenario).to(self.device)
+        loss = learner.loss(x, y, task.index, phase)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss at {self.where()}; lower trainer.lr (or the optimizer's "
+                "settings) and run again"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        learner.after_update(phase, task.index)
+        c.loss_sum = c.loss_sum + loss.detach().double().cpu()
+        c.count += 1
+        c.batch += 1
+        self.updates += 1
+
+    def run_task(self, t: int, group: list[ContinualTask], signals) -> float:
+        """Train on `group` (task t; a joint learner: every task), phase after phase, from
+        where the cursor is. Every change of state happens inside a shielded block, so a
+        signal finds the run at a point it can be resumed from."""
+        learner, c = self.learner, self.cfg.continual
+        last = group[-1]
+        if self.cursor is None:
+            with signals.shielded():
+                learner.train()
+                phase = learner.first_phase(t)
+                self.cursor = Cursor(phase)
+                self.optimizer = self.make_optimizer(phase)
+        loss = float("nan")
+        while self.cursor.phase is not None:
+            cur, phase = self.cursor, self.cursor.phase
+            epochs = c.epochs if phase.epochs is None else phase.epochs
+            learner.train()
+            while cur.epoch < epochs:
+                batches = self.batches(group, cur.epoch, phase)
+                for task, idx in batches[cur.batch :]:
+                    with signals.shielded():
+                        self.update(task, idx, phase)
+                        if c.ckpt_every and self.updates % c.ckpt_every == 0:
+                            self.save("last.pt")
+                    self.check_signal(signals)
+                with signals.shielded():
+                    cur.epoch, cur.batch = cur.epoch + 1, 0
+            with signals.shielded():  # the phase is over: the learner says what comes next
+                loss = float(cur.loss_sum / cur.count) if cur.count else float("nan")
+                x = to_float(last.train_x.to(self.device))
+                y = head_labels(last, last.train_y, self.scenario).to(self.device)
+                after = learner.next_phase(phase, t, x, y, loss)
+                cur.losses.append(loss)
+                self.cursor = Cursor(after, losses=cur.losses)
+                self.optimizer = self.make_optimizer(after) if after is not None else None
+            self.check_signal(signals)
+        losses = self.cursor.losses
+        return losses[-1] if losses else loss
+
+    def check_signal(self, signals) -> None:
+        signum = signals.requested()
+        if signum is not None:
+            self.stop(signum, at_once=False)
 
     def run(self, resume_from: str | Path | None = None) -> dict:
         if resume_from:
@@ -165,38 +277,47 @@ class ContinualRun:
             job_type="continual",
         )
         try:
-            if self.next_task == 0:
-                for task in tasks:  # the untrained network: forward transfer's reference
-                    self.matrix.record(
-                        -1,
-                        task.index,
-                        task_accuracy(self.learner, task, self.scenario, self.device),
-                    )
-            joint = getattr(self.learner, "joint", False)
-            while self.next_task < len(tasks):
-                t = self.next_task
-                start = time.perf_counter()
-                if joint and t < len(tasks) - 1:
-                    self.next_task += 1  # joint training happens once, on every task
-                    continue
-                group = tasks if joint else [tasks[t]]
-                loss = self.train_task(group, t)
+            with stop_signals() as signals, signals.training():
+                try:
+                    self.run_tasks(tasks, logger, signals)
+                except Interrupted as stop:  # a second signal: the state is a whole one
+                    self.stop(stop.signum, at_once=True)
+            return self.finish(logger)
+        finally:
+            logger.finish()
+
+    def run_tasks(self, tasks: list[ContinualTask], logger, signals) -> None:
+        if self.next_task == 0 and any(math.isnan(a) for a in self.matrix.initial):
+            with signals.shielded():  # the untrained network: forward transfer's reference
+                for task in tasks:
+                    acc = task_accuracy(self.learner, task, self.scenario, self.device)
+                    self.matrix.record(-1, task.index, acc)
+        joint = getattr(self.learner, "joint", False)
+        while self.next_task < len(tasks):
+            t = self.next_task
+            if joint and t < len(tasks) - 1:
+                self.next_task += 1  # joint training happens once, on every task
+                continue
+            group = tasks if joint else [tasks[t]]
+            start = time.perf_counter()
+            loss = self.run_task(t, group, signals)
+            with signals.shielded():  # end of the task: consolidate, score, checkpoint
                 for task in group:
                     self.learner.end_task(
                         task.index,
                         to_float(task.train_x.to(self.device)),
-                        head_labels(task, task.train_y, self.scenario),
+                        head_labels(task, task.train_y, self.scenario).to(self.device),
                     )
                 for task in tasks:
-                    self.matrix.record(
-                        t, task.index, task_accuracy(self.learner, task, self.scenario, self.device)
-                    )
+                    acc = task_accuracy(self.learner, task, self.scenario, self.device)
+                    self.matrix.record(t, task.index, acc)
                 self.elapsed += time.perf_counter() - start
-                self.next_task = t + 1
+                self.next_task, self.cursor, self.optimizer = t + 1, None, None
                 row = {
                     "loss": loss,
                     "average_accuracy": self.matrix.average_accuracy(t),
                     **{f"acc_task{i}": self.matrix.r[t][i] for i in range(len(tasks))},
+                    **self.learner.describe(),
                 }
                 logger.log(t + 1, row)
                 log.info(
@@ -206,12 +327,8 @@ class ContinualRun:
                     100 * row["average_accuracy"],
                     t,
                 )
-                state = self.state()
-                for name in ("last.pt", f"task-{t}.pt"):  # task-N.pt: the run after task N
-                    checkpoint.save_atomic(state, self.run_dir / "checkpoints" / name)
-            return self.finish(logger)
-        finally:
-            logger.finish()
+                self.save("last.pt", f"task-{t}.pt")  # task-N.pt: the run after task N
+            self.check_signal(signals)
 
     def finish(self, logger) -> dict:
         summary = self.matrix.summary()
@@ -246,3 +363,49 @@ def without_nan(value):
     if isinstance(value, list):
         return [without_nan(v) for v in value]
     return value
+
+
+def phase_salt(name: str) -> int:
+    """A phase's own number for its batch orders (stable across processes, unlike hash)."""
+    return zlib.crc32(name.encode()) % 1_000_003
+
+
+@dataclass
+class Cursor:
+    """Where the current task's training is: its phase (None: trained, end of task still to
+    do), the epoch and the updates done in it, the phase's summed loss, and the mean loss
+    of every phase finished so far."""
+
+    phase: Phase | None
+    epoch: int = 0
+    batch: int = 0
+    loss_sum: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    count: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    def state(self) -> dict:
+        phase = (
+            None if self.phase is None else {"name": self.phase.name, "epochs": self.phase.epochs}
+        )
+        return {
+            "phase": phase,
+            "epoch": self.epoch,
+            "batch": self.batch,
+            "loss_sum": self.loss_sum,
+            "count": self.count,
+            "losses": list(self.losses),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict | None) -> Cursor | None:
+        if state is None:
+            return None
+        phase = None if state["phase"] is None else Phase(**state["phase"])
+        return cls(
+            phase,
+            state["epoch"],
+            state["batch"],
+            state["loss_sum"],
+            state["count"],
+            list(state["losses"]),
+        )

@@ -38,6 +38,7 @@ from metarun.runners import distributed
 from metarun.runners.files import os_error
 
 MARKER = ".metarun-run"
+RESUMES = ("train", "continual")  # the modes that resume= continues
 # what a folder holds once a run or a sweep has used it (older runs have no marker)
 RUN_FILES = (
     MARKER,
@@ -229,7 +230,7 @@ class RunFolder(Callback):
             return
         check_if_exists(config)
         own = Path(str(config.hydra.run.dir))
-        resume = config.get("resume") if config.get("mode", "train") == "train" else None
+        resume = config.get("resume") if config.get("mode", "train") in RESUMES else None
         ckpt = resume_checkpoint(
             resume, list(config.hydra.overrides.task), Path(config.paths.output_root), own
         )

@@ -162,6 +162,7 @@ KNOBS: dict[str, Check] = {
     "continual.test_fraction": number(0, 1, lo_open=True, hi_open=True),
     "continual.epochs": integer(1),
     "continual.batch": integer(1),
+    "continual.ckpt_every": integer(1, optional=True),
     "paths.output_root": text(),
     "paths.if_exists": choice("refuse", "new"),
 }

@@ -4,6 +4,12 @@ fine-tuning, exact continuation from a task checkpoint, and settings that cannot
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -114,4 +120,115 @@ def test_a_sweep_tabulates_average_accuracy_and_backward_transfer(tmp_path):
     table = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
     assert "backward transfer" in table[0]
     assert any("algo=finetune" in line and "ok" in line for line in table[2:])
-    assert "does not draw mode=continual runs yet" in proc.stderr
+    assert "report: sweep/report.html" in proc.stdout
+
+
+def weights(path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def same_weights(a, b) -> bool:
+    """Equal to the bit, through the nested dicts and lists of an extra state."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_weights(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(same_weights(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("algo", ["ewc", "joint"])
+def test_a_run_continued_from_inside_a_task_ends_bit_identically(tmp_path, algo):
+    cfg = compose_with(
+        *SMALL, f"algo={algo}", "continual.epochs=3", "backbone.hidden=8", "continual.ckpt_every=2"
+    )
+    whole = ContinualRun(cfg, tmp_path / "whole", torch.device("cpu"))
+    keep = whole.save
+    kept = []
+
+    def save_and_keep(*names):  # keep a copy of the checkpoint written mid-way through task 2
+        path = keep(*names)
+        c = whole.cursor
+        inside = c is not None and c.phase is not None and (c.epoch, c.batch) >= (1, 1)
+        if inside and whole.next_task == 2 and not kept:
+            kept.append(shutil.copy(path, tmp_path / "inside.pt"))
+        return path
+
+    whole.save = save_and_keep
+    done = whole.run()
+    state = torch.load(tmp_path / "inside.pt", weights_only=True)
+    assert state["next_task"] == 2 and state["cursor"]["epoch"] >= 1
+    assert state["optimizer"] is not None  # the phase's optimizer moments travel too
+    again = ContinualRun(cfg, tmp_path / "again", torch.device("cpu"))
+    continued = again.run(tmp_path / "inside.pt")
+    assert continued["R"] == done["R"] and continued["initial"] == done["initial"]
+    ends = [weights(tmp_path / d / "checkpoints" / "last.pt") for d in ("whole", "again")]
+    assert same_weights(*ends)
+
+
+def start(*overrides, cwd):
+    return subprocess.Popen(
+        [sys.executable, "-m", "metarun", *overrides],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until_inside_task(run, proc, task: int, timeout: float = 120) -> None:
+    """Until last.pt holds the run in the middle of `task` (a checkpoint inside it)."""
+    deadline = time.monotonic() + timeout
+    last = run / "checkpoints" / "last.pt"
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the run never reached the task"
+        if last.exists():
+            state = torch.load(last, weights_only=True)
+            if state["next_task"] == task and state["cursor"] is not None:
+                return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigterm_and_kill_9_inside_a_task_resume_bit_identically(tmp_path):
+    steps = [
+        *SMALL,
+        "algo=ewc",
+        "continual.epochs=8",
+        "backbone.hidden=8",
+        "continual.ckpt_every=3",
+    ]
+    run_cli(*steps, "hydra.run.dir=whole", cwd=tmp_path)
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+
+    # SIGTERM: the update in progress ends, last.pt is written, the printed command resumes
+    run = tmp_path / "term"
+    proc = start(*steps, f"hydra.run.dir={run}", cwd=tmp_path)
+    wait_until_inside_task(run, proc, 1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted by SIGTERM at task 2 of 3, phase train, epoch" in err, err
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["next_task"] == 1 and state["cursor"] is not None
+    assert len(state["model"]["_extra_state"]["fishers"]) == 1  # task 0's Fisher and anchor
+    assert not (run / "results.json").exists()
+    command = shlex.split(err.split("Resume with:")[1].strip().splitlines()[0])
+    assert command[0] == "metarun" and f"resume={run}" in command
+    run_cli(*command[1:], cwd=tmp_path)
+
+    # kill -9: nothing is written at the kill; the run goes on from its last checkpoint
+    killed = tmp_path / "killed"
+    proc = start(*steps, f"hydra.run.dir={killed}", cwd=tmp_path)
+    wait_until_inside_task(killed, proc, 2)
+    proc.kill()
+    proc.communicate(timeout=60)
+    run_cli(*steps, f"resume={killed}", cwd=tmp_path)
+
+    for folder in (run, killed):
+        result = json.loads((folder / "results.json").read_text())
+        assert result["R"] == whole["R"] and result["initial"] == whole["initial"]
+        ends = [weights(d / "checkpoints" / "last.pt") for d in (tmp_path / "whole", folder)]
+        assert same_weights(*ends)
