@@ -12,6 +12,13 @@ Runs whose overrides differ only in `seed=` form a group. Two groups whose test 
 are the same set (checked from each run's recorded definition: data set, split, way, shot,
 query, eval.seed and number of episodes) are compared episode by episode: the paired
 difference. Nothing here needs a display or a network (matplotlib's Agg backend).
+
+Continual runs (`"mode": "continual"` in results.json, runners/continual.py) have no test
+episodes; their report is another one: per group, the accuracy matrix R as a heat map (mean
+over the seeds), the average accuracy after each task as a curve, and a table of average
+accuracy, backward and forward transfer with t 95% intervals over the seeds. A report over
+continual and meta-learning runs together is refused: their figures do not compare, and each
+kind has its own report (--out).
 """
 
 from __future__ import annotations
@@ -68,6 +75,31 @@ def normal_interval(values: np.ndarray) -> tuple[float, float]:
     return float(v.mean()), 1.96 * sd / math.sqrt(len(v))
 
 
+def seed_interval(values: list) -> tuple[float, float, int] | None:
+    """Mean of a figure over the seeds that define it (null: undefined, e.g. a joint
+    learner's backward transfer) and its t 95% half-width t(0.975, n-1) * sd / sqrt(n)
+    (nan for one seed); None when no seed defines it."""
+    v = np.array([x for x in values if isinstance(x, int | float)], dtype=np.float64)
+    if not len(v):
+        return None
+    n = len(v)
+    half = t_quantile(n) * float(v.std(ddof=1)) / math.sqrt(n) if n > 1 else math.nan
+    return float(v.mean()), half, n
+
+
+def seed_mean(stack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per entry of stack (seeds on axis 0, nan where a seed did not measure it): the mean
+    over the seeds that did, and its t 95% half-width (nan under two seeds, nan mean where
+    none did)."""
+    n = (~np.isnan(stack)).sum(axis=0)
+    with warnings.catch_warnings():  # entries under two seeds: nan, said by the docstring
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(stack, axis=0)
+        sd = np.nanstd(stack, axis=0, ddof=1)
+    t = np.array([t_quantile(k) if k > 1 else math.nan for k in n.flat]).reshape(n.shape)
+    return mean, t * sd / np.sqrt(np.maximum(n, 1))
+
+
 # ------------------------------------------------------------------ reading runs
 
 
@@ -86,6 +118,10 @@ class Run:
     @property
     def metric(self) -> str:
         return "mse" if "test_mse" in self.results else "acc"
+
+    @property
+    def continual(self) -> bool:
+        return self.results.get("mode") == "continual"
 
     @property
     def test(self) -> float | None:
@@ -153,6 +189,11 @@ def load_run(job: Path, name: str) -> Run:
     return run
 
 
+def some(names: list[str]) -> str:
+    """The first three names, and "..." for the rest."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
 def is_sweep(folder: Path) -> bool:
     return any(folder.glob("*/.hydra/overrides.yaml"))
 
@@ -184,16 +225,18 @@ def collect(paths: list[str]) -> tuple[list[Run], list[Path]]:
             runs += [load_run(job, f"{prefix}{job.name}") for job in job_folders(folder)]
         elif is_run(folder):
             runs.append(load_run(folder, folder.name))
-    if any((r.results or {}).get("mode") == "continual" for r in runs):
-        raise ConfigError(
-            "metarun report does not draw mode=continual runs yet (issue 22): each run's "
-            "accuracy matrix is in its continual.csv and results.json, and a sweep's summary "
-            "table gives their average accuracy and backward transfer"
-        )
     if not runs:
         raise ConfigError(
             f"no runs in {', '.join(paths)}: a run folder holds results.json or metrics.jsonl, "
             "a sweep folder holds numbered job folders"
+        )
+    continual = [r.name for r in runs if r.continual]
+    meta = [r.name for r in runs if r.status == "ok" and not r.continual]
+    if continual and meta:
+        raise ConfigError(
+            f"these runs mix mode=continual runs ({some(continual)}) with meta-learning runs "
+            f"({some(meta)}), whose figures do not compare: report each kind on its own, "
+            "e.g. metarun report CONTINUAL_RUNS --out DIR1 and metarun report META_RUNS --out DIR2"
         )
     return runs, sweeps
 
@@ -263,6 +306,37 @@ def paper_cell(run: Run) -> str:
 
 def difference(value: float, metric: str) -> str:
     return f"{value:+.4f}" if metric == "mse" else f"{100 * value:+.2f} pp"
+
+
+# continual runs: results.json's figures, how each is shown (accuracy, or a transfer in points)
+CONTINUAL_FIGURES = (
+    ("average_accuracy", "acc"),
+    ("backward_transfer", "pp"),
+    ("forward_transfer", "pp"),
+)
+UNDEFINED = "n/a"  # a figure the learner does not have (null in results.json)
+
+
+def figure_text(mean: float, half: float, kind: str) -> str:
+    """85.00% ± 12.42% (accuracy) or -15.00 ± 12.42 pp (a transfer); no ± for a nan half."""
+    if kind == "acc":
+        return f"{100 * mean:.2f}%" + ("" if math.isnan(half) else f" ± {100 * half:.2f}%")
+    return f"{100 * mean:+.2f}" + ("" if math.isnan(half) else f" ± {100 * half:.2f}") + " pp"
+
+
+def seeds_cell(values: list, kind: str) -> str:
+    """A continual figure over seeds (null where undefined): mean ± t 95% half-width, with
+    (n=k) when only k of the seeds define it."""
+    interval = seed_interval(values)
+    if interval is None:
+        return UNDEFINED
+    mean, half, n = interval
+    return figure_text(mean, half, kind) + (f" (n={n})" if n < len(values) else "")
+
+
+def seconds_text(values: list) -> str:
+    seconds = [v for v in values if isinstance(v, int | float)]
+    return f"{sum(seconds) / len(seconds):.0f} s" if seconds else ""
 
 
 # ------------------------------------------------------------------ figures
@@ -412,6 +486,72 @@ def paired_figure(groups: list[Group], pairs: list[dict], path: Path, metric: st
     return path
 
 
+def matrix_figure(group: Group, path: Path) -> Path | None:
+    """A group's accuracy matrix R, mean over its seeds: row t after training on tasks 0..t,
+    column i the task scored, each cell's value in %; cells no seed measured (a joint
+    learner's rows before the last) grey."""
+    done = group.done
+    if not done:
+        return None
+    plt = pyplot()
+    r = 100 * seed_mean(np.array([run.results["R"] for run in done], dtype=np.float64))[0]
+    tasks = len(r)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
+    fig, ax = plt.subplots(figsize=(min(0.7 * tasks + 3, 16), min(0.55 * tasks + 2, 14)))
+    image = ax.imshow(r, cmap=cmap, vmin=0, vmax=100)
+    size = min(8.0, 150 / tasks)  # the cells shrink once the figure reaches its cap
+    for t in range(tasks):
+        for i in range(tasks):
+            if not np.isnan(r[t, i]):
+                colour = "white" if r[t, i] < 60 else "black"  # on viridis' dark or light end
+                ax.text(i, t, f"{r[t, i]:.1f}", ha="center", va="center", fontsize=size,
+                        color=colour)  # fmt: skip
+    ax.set_xticks(range(tasks), [str(i) for i in range(tasks)], fontsize=8)
+    ax.set_yticks(range(tasks), [str(t) for t in range(tasks)], fontsize=8)
+    ax.set_xlabel("task scored (i)")
+    ax.set_ylabel("after training on tasks 0..t (t)")
+    fig.colorbar(image, ax=ax, label="test accuracy (%)")
+    seeds = f"mean of {len(done)} seeds" if len(done) > 1 else "one run"
+    ax.set_title(f"accuracy matrix R: {group.label}\n({seeds}; grey: not measured)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accuracy_figure(groups: list[Group], path: Path) -> Path | None:
+    """Average accuracy over the tasks trained so far, after each task (results.json's
+    accuracy_curve), per group: mean over its seeds, t 95% band where two or more seeds
+    measured the point."""
+    drawn = [g for g in groups if g.done]
+    if not drawn:
+        return None
+    plt = pyplot()
+    colour = colours(groups)
+    fig, ax = plt.subplots(figsize=(8, 4.6))
+    longest = 1
+    for g in drawn:
+        curves = np.array([r.results["accuracy_curve"] for r in g.done], dtype=np.float64)
+        mean, half = (100 * a for a in seed_mean(curves))
+        tasks = np.arange(1, len(mean) + 1)
+        longest = max(longest, len(mean))
+        label = g.label + (f" ({len(g.done)} seeds)" if len(g.done) > 1 else "")
+        ax.plot(tasks, mean, marker="o", ms=4, color=colour[g.label], label=label)
+        if not np.isnan(half).all():
+            ax.fill_between(tasks, mean - half, mean + half, color=colour[g.label], alpha=0.18)
+    ax.set_xticks(range(1, longest + 1))
+    ax.set_xlim(0.7, longest + 0.3)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("tasks trained")
+    ax.set_ylabel("average accuracy on them (%)")
+    ax.set_title("average accuracy over the sequence (mean over seeds, 95% t band)")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ------------------------------------------------------------------ Optuna
 
 
@@ -503,12 +643,22 @@ PAIRED_METHOD = (
 )
 
 
-def build(runs: list[Run], sweeps: list[Path], out: Path) -> list[tuple]:
-    """The report as blocks: ("h", level, text), ("p", text), ("table", header, rows),
-    ("img", title, path)."""
-    groups = groups_of(runs)
-    metric = next((r.metric for r in runs if r.status == "ok"), "acc")
-    pairs, unpaired = comparisons(groups)
+CONTINUAL_METHOD = (
+    "Continual runs (mode=continual, docs/continual.md): R[t, i] is the test accuracy on "
+    "task i after training on tasks 0..t. Average accuracy is the mean of R's last row; "
+    "backward transfer the mean over i < T−1 of R[T−1, i] − R[i, i] (negative: forgetting); "
+    "forward transfer the mean over i > 0 of R[i−1, i] minus the untrained network's "
+    "accuracy on task i; both in percentage points (pp). A group's figure is the mean over "
+    "its n seeds with the t 95% interval mean ± t(0.975, n−1)·sd/√n (none for one seed); "
+    "it covers what the seed changes: the initialization, the order of the mini-batches "
+    f"and the split of the classes into tasks. {UNDEFINED}: undefined for the learner (joint "
+    "trains once on every task: no backward or forward transfer) or for one task; (n=k): "
+    "only k of the seeds define the figure; -: the run has no result."
+)
+
+
+def heading(runs: list[Run], sweeps: list[Path]) -> list[tuple]:
+    """The report's title, where its runs come from, and the overrides they all share."""
     blocks: list[tuple] = [("h", 1, "metarun report")]
     where = ", ".join(str(s) for s in sweeps) or ", ".join(str(r.folder) for r in runs)
     made = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -516,6 +666,74 @@ def build(runs: list[Run], sweeps: list[Path], out: Path) -> list[tuple]:
     common = [o for o in runs[0].overrides if all(o in r.overrides for r in runs)]
     if len(runs) > 1 and common:
         blocks.append(("p", "Overrides common to every run: " + " ".join(common)))
+    return blocks
+
+
+def build_continual(runs: list[Run], sweeps: list[Path], out: Path) -> list[tuple]:
+    """build() for mode=continual runs: each job's figures, each group's mean over its
+    seeds with t intervals, the average accuracy curve, and a heat map of R per group."""
+    groups = groups_of(runs)
+    blocks = heading(runs, sweeps)
+    blocks.append(("h", 2, "Jobs"))
+    rows = []
+    for r, items in zip(runs, varying([r.overrides for r in runs])):
+        ok = r.status == "ok"
+        cells = [seeds_cell([r.results.get(k)], kind) for k, kind in CONTINUAL_FIGURES]
+        rows.append([
+            r.name,
+            " ".join(items) or "(defaults)",
+            str(r.results.get("scenario", "")),
+            str(r.results.get("tasks", "")),
+            *(cells if ok else ["-"] * len(cells)),
+            seconds_text([r.results.get("seconds")]),
+            r.status if r.status != "failed" else f"failed: {r.error}",
+        ])  # fmt: skip
+    figure_names = ["average accuracy", "backward transfer", "forward transfer"]
+    blocks.append(
+        ("table", ["job", "overrides", "scenario", "tasks", *figure_names, "time", "status"], rows)
+    )
+
+    blocks.append(("h", 2, "Groups"))
+    blocks.append(("p", CONTINUAL_METHOD))
+    rows = []
+    for g in groups:
+        done = g.done
+        if not done:
+            continue
+        seeds = str(len(done))
+        if all(r.seed is not None for r in done):
+            seeds += f" ({', '.join(str(r.seed) for r in done)})"
+        rows.append([
+            g.label,
+            seeds,
+            *(seeds_cell([r.results.get(k) for r in done], kind) for k, kind in CONTINUAL_FIGURES),
+            seconds_text([r.results.get("seconds") for r in done]),
+        ])  # fmt: skip
+    if rows:
+        header = ["group", "seeds", *(f"{name} (95% CI)" for name in figure_names)]
+        blocks.append(("table", [*header, "time per run"], rows))
+    else:
+        blocks.append(("p", "No run has a result yet."))
+
+    curve = accuracy_figure(groups, out / "accuracy.png")
+    figures = [("Average accuracy over the sequence", curve)] + [
+        (f"Accuracy matrix R: {g.label}", matrix_figure(g, out / f"matrix_{i}.png"))
+        for i, g in enumerate(groups, 1)
+    ]
+    blocks.append(("h", 2, "Figures"))
+    blocks += [("img", title, path) for title, path in figures if path is not None]
+    return blocks
+
+
+def build(runs: list[Run], sweeps: list[Path], out: Path) -> list[tuple]:
+    """The report as blocks: ("h", level, text), ("p", text), ("table", header, rows),
+    ("img", title, path)."""
+    if any(r.continual for r in runs):
+        return build_continual(runs, sweeps, out)
+    groups = groups_of(runs)
+    metric = next((r.metric for r in runs if r.status == "ok"), "acc")
+    pairs, unpaired = comparisons(groups)
+    blocks = heading(runs, sweeps)
 
     blocks.append(("h", 2, "Jobs"))
     rows = []
