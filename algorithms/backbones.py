@@ -136,6 +136,28 @@ def pixels(in_channels: PositiveInt = 1, image_size: PositiveInt = 28) -> nn.Mod
     return net
 
 
+def pixel_mlp(
+    in_channels: PositiveInt = 1,
+    image_size: PositiveInt = 28,
+    hidden: tuple[PositiveInt, ...] = (312, 128),
+) -> nn.Sequential:
+    """Fully connected layers with ReLU on an image's pixels, [N, C, H, W] -> [N, hidden[-1]]:
+    the network of the continual-learning papers on MNIST-like data (DEN, Yoon et al. 2018,
+    starts from 312-128), so that fixed networks and DEN start from the same one."""
+    hidden = tuple(int(h) for h in hidden)
+    if in_channels < 1 or image_size < 1 or not hidden or min(hidden) < 1:
+        raise ConfigError(
+            "pixel_mlp needs positive in_channels, image_size and hidden sizes, got "
+            f"{in_channels}, {image_size}, {hidden}"
+        )
+    layers: list[nn.Module] = [nn.Flatten()]
+    for a, b in zip((in_channels * image_size * image_size, *hidden), hidden):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    net = nn.Sequential(*layers)
+    net.feature_shape = (hidden[-1],)
+    return net
+
+
 # (filters, kernel) of the four convolutions of Koch et al. (2015), Fig. 4
 KOCH_CONVS = ((64, 10), (128, 7), (128, 4), (256, 4))
 

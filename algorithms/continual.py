@@ -114,8 +114,9 @@ class ContinualLearner(nn.Module):
         """The training loss on a mini-batch of task `task`: cross-entropy plus penalty()."""
         return F.cross_entropy(self(x, task), y) + self.penalty()
 
-    def after_update(self, phase: Phase, task: int) -> None:
-        """Called after every optimizer step (DEN puts frozen weights back here)."""
+    def after_update(self, phase: Phase, task: int, lr: float) -> None:
+        """Called after every optimizer step, whose learning rate was `lr` (DEN puts the
+        weights the phase does not train back, and takes its proximal steps)."""
 
     def describe(self) -> dict:
         """Figures about the learner logged after every task (e.g. DEN's network size)."""
@@ -253,8 +254,9 @@ class EWC(ContinualLearner):
         return {"fishers": self.fishers, "anchors": self.anchors}
 
     def set_extra_state(self, state: dict) -> None:
-        self.fishers = [dict(f) for f in state["fishers"]]
-        self.anchors = [dict(a) for a in state["anchors"]]
+        device = next(self.parameters()).device  # a checkpoint loads onto the CPU
+        self.fishers = [{n: v.to(device) for n, v in f.items()} for f in state["fishers"]]
+        self.anchors = [{n: v.to(device) for n, v in a.items()} for a in state["anchors"]]
 
 
 def log_probs_of(model: nn.Module, x: torch.Tensor, task: int) -> torch.Tensor:

@@ -216,7 +216,7 @@ class ContinualRun:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        learner.after_update(phase, task.index)
+        learner.after_update(phase, task.index, self.optimizer.param_groups[0]["lr"])
         c.loss_sum = c.loss_sum + loss.detach().double().cpu()
         c.count += 1
         c.batch += 1
