@@ -106,6 +106,10 @@ class ContinualRun:
                 f"mode=continual needs a continual learner; algo={choice(cfg, 'algo')} is a "
                 f"meta-learner (use algo={'|'.join(learners_that('continual'))})"
             )
+        source = getattr(self.learner, "representation", None)
+        if source:  # a learner on a trained network (algo=oml): that checkpoint's backbone
+            trust = bool(cfg.get("trust_checkpoint", False))
+            self.learner.adopt(checkpoint.load_learner(source, trust=trust).backbone)
         self.scenario = cfg.continual.scenario
         self.learner.setup(self.scenario, [t.way for t in self.sequence.tasks])
         self.learner.to(device)

@@ -199,3 +199,29 @@ def trained_run(tmp_path_factory) -> Path:
 ALGOS = [n for n in REGISTRY if not getattr(learner_class(n), "continual", False)]
 CONTINUAL = [n for n in REGISTRY if getattr(learner_class(n), "continual", False)]
 NEEDS.update({("algo", n): ["mode=continual"] for n in CONTINUAL})
+
+
+def representation_checkpoint() -> Path:
+    """An untrained algo=oml_meta checkpoint (conv4, synthetic glyphs) for the learners that
+    start from one (algo=oml's representation=), written once per test session."""
+    import tempfile
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from metarun.runners import checkpoint
+    from metarun.runners.build import build_learner
+
+    path = Path(tempfile.mkdtemp(prefix="metarun-representation-")) / "oml_meta.pt"
+    cfg = compose_with("algo=oml_meta")
+    torch.manual_seed(0)
+    state = {
+        "model": build_learner(cfg).state_dict(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "step": 0,
+    }
+    checkpoint.save_atomic(state, path)
+    return path
+
+
+NEEDS[("algo", "oml")] = ["mode=continual", f"algo.representation={representation_checkpoint()}"]

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import CONTINUAL, compose_with, run_cli
+from conftest import CONTINUAL, NEEDS, compose_with, run_cli
 
 from metarun.errors import CheckpointError, ConfigError
 from metarun.runners.continual import ContinualRun
@@ -140,7 +140,7 @@ def same_weights(a, b) -> bool:
 
 def small_network(algo: str) -> str:
     """A few units, for the network the learner's yaml chooses."""
-    cfg = compose_with("mode=continual", f"algo={algo}")
+    cfg = compose_with(*NEEDS[("algo", algo)], f"algo={algo}")
     return "backbone.hidden=8" if "hidden" in cfg.backbone else "algo.hidden=[16,8]"
 
 
@@ -148,6 +148,7 @@ def small_network(algo: str) -> str:
 def test_a_run_continued_from_inside_a_task_ends_bit_identically(tmp_path, algo):
     cfg = compose_with(
         *SMALL,
+        *NEEDS[("algo", algo)],
         f"algo={algo}",
         "continual.epochs=3",
         small_network(algo),
