@@ -80,10 +80,10 @@ class DEN(ContinualLearner):
         hidden: tuple[PositiveInt, ...] = (312, 128),
         l1: NonNegativeFloat = 0.01,
         pull: NonNegativeFloat = 0.1,
-        group: NonNegativeFloat = 0.1,
+        group: NonNegativeFloat = 1.0,
         tau: NonNegativeFloat = 0.05,
         k: PositiveInt = 10,
-        sigma: NonNegativeFloat = 0.5,
+        sigma: NonNegativeFloat = 0.2,
     ):
         super().__init__(backbone)
         if any(p.requires_grad for p in backbone.parameters()):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_learner_step, bench_maml, bench_sampler
+from benchmarks import bench_continual, bench_learner_step, bench_maml, bench_sampler
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "outputs" / "bench" / "results.json"  # outputs/ is git-ignored
@@ -96,6 +96,14 @@ def row(r: dict) -> str:
             f"{r['x_vs_l2l_reference']:.2f}x the l2l reference {r['l2l_reference']} it/s; "
             f">= {r['target_x']}x: {met}",
         )
+    elif r["benchmark"] in ("ewc_penalty", "den_step"):
+        low, high = r["spread"]
+        values = (
+            f"{r['metarun']:,.2f} ms/update",
+            f"{r['baseline']:,.2f} ms/update (fine-tuning, 312-128)",
+            f"{r['ratio']:.2f}x (blocks {low:.2f}-{high:.2f}x)",
+            "no target (issue 22 asks for the figure)",
+        )
     elif r["benchmark"] == "maml_imaml_memory":
         pairs = ", ".join(
             f"{k}: {a:.0f} vs {b:.0f}"
@@ -129,6 +137,7 @@ def main() -> None:
     records = bench_sampler.run(args.device, args.quick, args.omniglot_root)
     records += bench_learner_step.run(args.device, args.quick)
     records += bench_maml.run(args.device, args.quick)
+    records += bench_continual.run(args.device, args.quick)
     seconds = time.perf_counter() - start
 
     info = machine(device) | {"load_avg_1m_before": load_before}

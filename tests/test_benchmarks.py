@@ -24,9 +24,13 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     learners = ["protonet", "siamese", "matching", "relation", "relation_networks"]
     steps = [f"{name}_step" for name in learners for _ in range(2)]  # 5w1s and 20w1s each
     maml = ["maml_a", "maml_b", "maml_imaml_memory"]
-    assert [r["benchmark"] for r in records] == ["sampler"] * 2 + ["sampler_84"] + steps + maml
-    assert all(r["metarun"] > 0 and r["baseline"] > 0 for r in records[:-1])
+    continual = ["ewc_penalty"] * 3 + ["den_step"] * 2  # --quick: two DEN sizes
+    names = ["sampler"] * 2 + ["sampler_84"] + steps + maml + continual
+    assert [r["benchmark"] for r in records] == names
+    records, continual = records[: -len(continual)], records[-len(continual) :]
+    assert all(r["metarun"] > 0 and r["baseline"] > 0 for r in records[:-1] + continual)
     for r in records[-3:-1]:  # the same meta-gradients, whichever way they are computed
         assert max(r["meta_gradient_rel_diff_vs_baseline"].values()) < 1e-4, r
+    assert continual[-1]["units"] == [362, 178]  # one expansion of 50 units per layer
     memory = records[-1]
     assert memory["inner_steps"] == [1, 5] and len(memory["maml_mb"]) == 2
