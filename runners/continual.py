@@ -354,6 +354,16 @@ class ContinualRun:
             ],
         }
         results = without_nan(results)  # JSON has no NaN: an undefined figure is null
+        # the dashboard: R as a table (row -1: the untrained network) and the three figures
+        tasks = range(self.matrix.tasks)
+        rows = [[-1, *results["initial"]], *([t, *row] for t, row in zip(tasks, results["R"]))]
+        logger.table("continual/R", ["after_task", *(f"task_{i}" for i in tasks)], rows)
+        logger.summary(
+            {
+                f"continual/{k}": results[k]
+                for k in ("average_accuracy", "backward_transfer", "forward_transfer")
+            }
+        )
         write_text_atomic(self.run_dir / "continual.csv", self.matrix.csv(), "accuracy matrix")
         write_results(self.run_dir, results)
         return results

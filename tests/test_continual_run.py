@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 from conftest import CONTINUAL, NEEDS, compose_with, run_cli
+from wandb_records import item_key, read_wandb_records
 
 from metarun.errors import CheckpointError, ConfigError
 from metarun.runners.continual import ContinualRun
@@ -241,3 +242,38 @@ def test_sigterm_and_kill_9_inside_a_task_resume_bit_identically(tmp_path):
         assert result["R"] == whole["R"] and result["initial"] == whole["initial"]
         ends = [weights(d / "checkpoints" / "last.pt") for d in (tmp_path / "whole", folder)]
         assert same_weights(*ends)
+
+
+@pytest.mark.slow
+def test_the_dashboard_gets_the_accuracy_matrix_and_the_figures(tmp_path):
+    run = tmp_path / "run"
+    run_cli(
+        *SMALL,
+        "algo=ewc",
+        "backbone.hidden=8",
+        "continual.epochs=1",
+        "continual.tasks=2",
+        "logger=wandb",
+        "logger.mode=offline",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+        env={"WANDB_MODE": None, "WANDB_SILENT": "true"},
+    )
+    results = json.loads((run / "results.json").read_text())
+    (table,) = run.glob("wandb/offline-run-*/files/media/table/continual/R_*.table.json")
+    data = json.loads(table.read_text())
+    assert data["columns"] == ["after_task", "task_0", "task_1"]
+    assert data["data"] == [
+        [-1, *results["initial"]],
+        *([t, *r] for t, r in enumerate(results["R"])),
+    ]
+    (run_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    records = read_wandb_records(run_file)
+    summary = {
+        item_key(i): json.loads(i.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "summary"
+        for i in r.summary.update
+    }
+    for key in ("average_accuracy", "backward_transfer", "forward_transfer"):
+        assert summary[f"continual/{key}"] == results[key]
