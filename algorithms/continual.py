@@ -13,7 +13,7 @@ continual learner is a classifier whose heads are fixed by the sequence before t
 forgetting to beat. `EWC` adds Kirkpatrick et al.'s (PNAS 2017) quadratic penalty.
 
 `Joint` trains on every task at once: the reference above. The runner is
-runners/continual.py (mode=continual). Status (issue 22): DEN and OML are not written yet.
+runners/continual.py (mode=continual); DEN is in den.py, OML in oml.py.
 """
 
 from __future__ import annotations

@@ -224,4 +224,7 @@ def representation_checkpoint() -> Path:
     return path
 
 
-NEEDS[("algo", "oml")] = ["mode=continual", f"algo.representation={representation_checkpoint()}"]
+REPRESENTATION = f"algo.representation={representation_checkpoint()}"
+NEEDS[("algo", "oml")] = ["mode=continual", REPRESENTATION]
+NEEDS[("experiment", "oml_omniglot_small_stream")] = [REPRESENTATION]
+NEEDS[("experiment", "oml_pretrained_omniglot_small")] = ["algo.num_classes=716"]
