@@ -170,6 +170,10 @@ def test_a_run_continued_from_inside_a_task_ends_bit_identically(tmp_path, algo)
     state = torch.load(tmp_path / "inside.pt", weights_only=True)
     assert state["next_task"] == 2 and state["cursor"]["count"] > 0
     assert state["optimizer"] is not None  # the phase's optimizer moments travel too
+    if algo == "den":  # the grown layers, their timestamps and the task's masks travel
+        model = state["model"]
+        assert model["weights.0"].shape[0] == len(model["stamp0"]) > 16
+        assert model["stamp0"].max() >= 1 and model["_extra_state"]["trainable"]
     again = ContinualRun(cfg, tmp_path / "again", torch.device("cpu"))
     continued = again.run(tmp_path / "inside.pt")
     assert continued["R"] == done["R"] and continued["initial"] == done["initial"]
