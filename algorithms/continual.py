@@ -67,6 +67,7 @@ class ContinualLearner(nn.Module):
             raise ConfigError(
                 f"{self.title} cannot serve the {scenario}-incremental scenario: {self.refusal}"
             )
+        check_task_heads(scenario, ways)
         dim = math.prod(feature_shape(self.backbone, f"{self.title}'s heads"))
         if scenario == "task":
             sizes = list(ways)
@@ -257,6 +258,16 @@ class EWC(ContinualLearner):
         device = next(self.parameters()).device  # a checkpoint loads onto the CPU
         self.fishers = [{n: v.to(device) for n, v in f.items()} for f in state["fishers"]]
         self.anchors = [{n: v.to(device) for n, v in a.items()} for a in state["anchors"]]
+
+
+def check_task_heads(scenario: str, ways: list[int]) -> None:
+    """A task head over one class is always right: refuse it rather than report 100%."""
+    if scenario == "task" and min(ways) < 2:
+        raise ConfigError(
+            "a task-incremental task of one class is trivially right (its head has one "
+            "output): use continual.classes_per_task >= 2, or continual.scenario=class for a "
+            "stream of single classes"
+        )
 
 
 def log_probs_of(model: nn.Module, x: torch.Tensor, task: int) -> torch.Tensor:

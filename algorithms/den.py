@@ -58,7 +58,7 @@ from metarun.data.params import NonNegativeFloat, PositiveInt
 from metarun.errors import ConfigError
 
 from .base import feature_shape
-from .continual import ContinualLearner, Phase
+from .continual import ContinualLearner, Phase, check_task_heads
 
 REFUSAL = (
     "its timestamped inference picks each task's units and output head by the task id, "
@@ -130,6 +130,7 @@ class DEN(ContinualLearner):
     def setup(self, scenario: str, ways: list[int]) -> None:
         if scenario != "task":
             raise ConfigError(f"DEN cannot serve the {scenario}-incremental scenario: {REFUSAL}")
+        check_task_heads(scenario, ways)
         self.scenario = scenario
         top = self.sizes()[-1]
         self.head_w, self.head_b = nn.ParameterList(), nn.ParameterList()

@@ -108,10 +108,10 @@ def class_sequence(
     if grouping == "classes":
         per = classes_per_task if classes_per_task is not None else n // tasks
         check_count("classes_per_task", per)
-        if tasks * per > n or per < 2:
+        if tasks * per > n:
             raise ConfigError(
-                f"{tasks} tasks of {per} classes need {tasks * max(per, 2)} classes (2 per task "
-                f"at least); this split has {n}: use fewer tasks or classes per task"
+                f"{tasks} tasks of {per} classes need {tasks * per} classes; this split has "
+                f"{n}: use fewer tasks or classes per task"
             )
         order = torch.randperm(n, generator=g).tolist()
         groups = [sorted(order[i * per : (i + 1) * per]) for i in range(tasks)]

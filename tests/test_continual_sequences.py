@@ -7,7 +7,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
+from metarun.algorithms.continual import FineTune
 from metarun.data.sequences import class_sequence, domain_sequence, split_class_images
 from metarun.data.store import ClassStore
 from metarun.data.synthetic import synthetic
@@ -104,6 +106,19 @@ def test_domain_tasks_share_classes_and_labels_and_differ_by_their_transform():
 def test_impossible_sequences_are_refused_with_the_fix(call, message):
     with pytest.raises(ConfigError, match=message):
         call(alphabet_store())
+
+
+def test_a_stream_of_single_classes_is_class_incremental_only():
+    stream = class_sequence(alphabet_store(), tasks=12, seed=3, classes_per_task=1)
+    assert [t.way for t in stream.tasks] == [1] * 12
+    assert sorted(c for t in stream.tasks for c in t.classes) == list(range(12))
+    assert [t.offset for t in stream.tasks] == list(range(12))  # one head, labels in order
+    learner = FineTune(nn.Sequential(nn.Flatten(), nn.Linear(4, 3)))
+    learner.backbone.feature_shape = (3,)
+    learner.setup("class", [1] * 12)
+    assert learner.heads[0].out_features == 12
+    with pytest.raises(ConfigError, match="continual.scenario=class for a stream"):
+        learner.setup("task", [1] * 12)
 
 
 def test_accuracy_matrix_summaries_follow_the_gem_definitions():
