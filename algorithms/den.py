@@ -244,14 +244,13 @@ class DEN(ContinualLearner):
         return Phase(name)
 
     def everything(self, task: int) -> dict[str, torch.Tensor]:
-        masks = {
-            n: torch.ones_like(p, dtype=torch.bool)
-            for n, p in self.named_tensors().items()
-            if n[0] != "h" or n[2:] == str(task)
-        }
-        return masks
+        """Every hidden weight and bias, and the task's head (task 0's sparse training)."""
+        tensors = self.named_tensors()
+        names = [n for n in tensors if n[0] in "wb"] + [f"hw{task}", f"hb{task}"]
+        return {n: torch.ones_like(tensors[n], dtype=torch.bool) for n in names}
 
     def only_head(self, task: int) -> dict[str, torch.Tensor]:
+        """The task's head alone."""
         t = self.named_tensors()
         return {
             f"hw{task}": torch.ones_like(t[f"hw{task}"], dtype=torch.bool),
@@ -287,6 +286,8 @@ class DEN(ContinualLearner):
         return out
 
     def task_loss(self, x: torch.Tensor, y: torch.Tensor, task: int) -> float:
+        """The mean cross-entropy on the task's training images (eval mode): the loss that
+        decides the expansion."""
         was = self.training
         self.eval()
         with torch.no_grad():
