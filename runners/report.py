@@ -539,7 +539,9 @@ def accuracy_figure(groups: list[Group], path: Path) -> Path | None:
         ax.plot(tasks, mean, marker="o", ms=4, color=colour[g.label], label=label)
         if not np.isnan(half).all():
             ax.fill_between(tasks, mean - half, mean + half, color=colour[g.label], alpha=0.18)
-    ax.set_xticks(range(1, longest + 1))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=20, integer=True))  # a long stream too
     ax.set_xlim(0.7, longest + 0.3)
     ax.set_ylim(0, 100)
     ax.set_xlabel("tasks trained")
