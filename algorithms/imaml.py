@@ -12,9 +12,10 @@ from metarun.data.episodes import Episodes
 from metarun.data.params import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from metarun.errors import ConfigError
 
+from . import task_threads
 from .base import HeadLearner, infer_way, metric_name, positive_ints, supervised_loss, task_scores
 
-BATCHED = ("auto", "loop", "vmap")
+BATCHED = ("auto", "loop", "vmap", "threads")
 
 
 def conjugate_gradient(
@@ -140,8 +141,11 @@ class IMAML(HeadLearner):
     batched: "loop" solves the tasks of a meta-batch one after another; "vmap"
     all at once (the per-task losses under torch.func.vmap, their gradients and
     Hessian-vector products by autograd with the task index as a batch dimension,
-    conjugate gradient per task with batched_conjugate_gradient); both compute the
-    same values. "auto": vmap on CUDA; on the CPU, see use_vmap.
+    conjugate gradient per task with batched_conjugate_gradient); "threads" solves
+    groups of tasks on CPU worker threads, one intra-op thread each (task_threads.py),
+    and sums the meta-gradients in task order, as the loop does, so a run gives the same
+    weights every time for a given thread count. All compute the same values.
+    "auto": vmap on CUDA, threads on a CPU with two or more torch threads, else the loop.
     Departure: the paper's Omniglot experiments solve the inner problem with
     Hessian-free or many GD steps; the solver here is plain GD.
     """
@@ -202,13 +206,17 @@ class IMAML(HeadLearner):
                     ]
         return [p.detach() for p in phi]
 
-    def use_vmap(self, device: torch.device) -> bool:
-        """batched="auto": vmap on CUDA (one launch per layer for all tasks instead of one
-        per task; measured on an H200, see the README); the loop on the CPU, where vmap has
-        not been measured faster."""
-        if self.batched == "auto":
-            return device.type == "cuda"
-        return self.batched == "vmap"
+    def formulation(self, device: torch.device, tasks: int) -> str:
+        """How the tasks run: "vmap", "threads" or "loop" (see the class docstring). auto:
+        vmap on CUDA (one launch per layer for all tasks instead of one per task; measured
+        on an H200, see the README); on the CPU, where vmap was not measured faster,
+        worker threads when there are two or more intra-op threads (make bench)."""
+        how = self.batched
+        if how == "auto":
+            how = "vmap" if device.type == "cuda" else "threads"
+        if how == "threads" and not task_threads.usable(device, tasks):
+            return "loop"
+        return how
 
     # -- all tasks at once -------------------------------------------------------------
 
@@ -271,48 +279,58 @@ class IMAML(HeadLearner):
         way = infer_way(support_y, way)
         self.check_way(way)
         steps = self.inner_steps if self.training else self.test_inner_steps
-        if self.use_vmap(support_x.device):
+        how = self.formulation(support_x.device, len(support_x))
+        if how == "vmap":
             phi = self.solve_inner_batched(support_x, support_y, steps, way)
             with torch.no_grad():
                 return self.task_outputs(phi, query_x, way)
         names = [n for n, _ in self.named_parameters()]
-        out = []
-        for sx, sy, qx in zip(support_x, support_y, query_x):
-            phi = self.solve_inner(sx, sy, steps, way)
-            with torch.no_grad(), self.autocast():
-                out.append(functional_call(self, dict(zip(names, phi)), (qx,))[:, :way])
-        return torch.stack(out)
+
+        def one(model: IMAML, i: int) -> torch.Tensor:
+            phi = model.solve_inner(support_x[i], support_y[i], steps, way)
+            with torch.no_grad(), model.autocast():
+                return functional_call(model, dict(zip(names, phi)), (query_x[i],))[:, :way]
+
+        threaded = how == "threads"
+        return torch.stack(task_threads.map_tasks(self, len(support_x), one, threaded))
 
     def meta_train_step(self, episodes: Episodes) -> dict[str, torch.Tensor]:
         self.train()
-        if self.use_vmap(episodes.support_x.device):
-            return self.meta_train_step_batched(episodes)
         way, b = episodes.way, episodes.batch_size
-        params = list(self.parameters())
-        meta_grads = [torch.zeros_like(p) for p in params]
-        losses, scores = [], []
-        for sx, sy, qx, qy in zip(
-            episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y
-        ):
-            phi = self.solve_inner(sx, sy, self.inner_steps, way)
+        how = self.formulation(episodes.support_x.device, b)
+        if how == "vmap":
+            return self.meta_train_step_batched(episodes)
+        names = [n for n, _ in self.named_parameters()]
+
+        def one(model: IMAML, i: int):
+            """Task i's implicit meta-gradient, query loss and logits."""
+            sx, sy = episodes.support_x[i], episodes.support_y[i]
+            phi = model.solve_inner(sx, sy, self.inner_steps, way)
             phi_q = [p.requires_grad_(True) for p in phi]
             with torch.enable_grad():
-                names = [n for n, _ in self.named_parameters()]
-                with self.autocast():
-                    logits = functional_call(self, dict(zip(names, phi_q)), (qx,))[:, :way]
-                loss = supervised_loss(logits, qy)
+                with model.autocast():
+                    logits = functional_call(model, dict(zip(names, phi_q)), (episodes.query_x[i],))
+                    logits = logits[:, :way]
+                loss = supervised_loss(logits, episodes.query_y[i])
                 query_grad = torch.autograd.grad(loss, phi_q)
             v = implicit_meta_gradient(
-                lambda p, sx=sx, sy=sy: self.task_loss(p, sx, sy, way),
+                lambda p: model.task_loss(p, sx, sy, way),
                 phi,
                 query_grad,
                 self.lam,
                 self.cg_steps,
                 self.damping,
             )
+            return v, loss.detach(), logits.detach()
+
+        results = task_threads.map_tasks(self, b, one, how == "threads")
+        params = list(self.parameters())
+        meta_grads = [torch.zeros_like(p) for p in params]
+        losses, scores = [], []
+        for (v, loss, logits), qy in zip(results, episodes.query_y):  # in task order
             for acc_g, vi in zip(meta_grads, v):
                 acc_g += vi / b
-            losses.append(loss.detach())
-            scores.append(task_scores(logits.detach()[None], qy[None])[0])
+            losses.append(loss)
+            scores.append(task_scores(logits[None], qy[None])[0])
         self.outer_update(torch.stack(losses).mean(), zip(params, meta_grads))
         return {"loss": torch.stack(losses).mean(), metric_name(qy): torch.stack(scores)}

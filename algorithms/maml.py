@@ -230,9 +230,7 @@ class MAML(HeadLearner):
                 batched = "threads"
             else:
                 batched = "loop"
-        if batched == "threads" and (
-            device.type != "cpu" or tasks < 2 or torch.get_num_threads() < 2
-        ):
+        if batched == "threads" and not task_threads.usable(device, tasks):
             return "loop"  # CPU threads only; with one group there is nothing to share out
         return batched
 

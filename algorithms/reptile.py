@@ -10,9 +10,11 @@ from metarun.data.episodes import Episodes
 from metarun.data.params import PositiveFloat, PositiveInt
 from metarun.errors import ConfigError
 
+from . import task_threads
 from .base import HeadLearner, infer_way, metric_name, positive_ints, supervised_loss, task_scores
 
 INNER_OPTIMIZERS = ("sgd", "adam")
+BATCHED = ("auto", "loop", "threads")
 
 
 class Reptile(HeadLearner):
@@ -39,6 +41,14 @@ class Reptile(HeadLearner):
     Departures: the inner minibatches cycle through a fresh permutation of
     the support set (the paper samples minibatches from the task's training
     data the same way); the queries of training episodes are unused.
+
+    Each task's minibatch order comes from its own generator: in training, seeded by a
+    number drawn for it from the global generator before any task runs; in evaluation,
+    seeded with 0. So the tasks can run in any order: batched="threads" fine-tunes groups
+    of tasks on CPU worker threads, one intra-op thread each (task_threads.py, as MAML
+    does), and the outer direction sums the tasks' differences in task order, so a run
+    gives the same weights every time for a given thread count. batched="loop" runs the
+    tasks one after another; "auto": threads on a CPU with two or more torch threads.
     """
 
     compile_refusal = (
@@ -56,7 +66,10 @@ class Reptile(HeadLearner):
         inner_optimizer: str = "adam",
         inner_batch: PositiveInt = 10,
         test_inner_steps: PositiveInt = 50,
+        batched: str = "auto",
     ):
+        if batched not in BATCHED:
+            raise ConfigError(f"algo.batched={batched!r}; choose one of {', '.join(BATCHED)}")
         positive_ints(
             inner_steps=inner_steps, inner_batch=inner_batch, test_inner_steps=test_inner_steps
         )
@@ -66,24 +79,22 @@ class Reptile(HeadLearner):
             raise ConfigError(f"algo.inner_lr must be positive, got {inner_lr!r}")
         super().__init__(backbone, way, batch_statistics=True)
         self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
+        self.batched = batched
         self.inner_lr, self.inner_optimizer, self.inner_batch = (
             inner_lr,
             inner_optimizer,
             inner_batch,
         )
 
-    def fine_tune(self, x, y, steps: int, way: int, generator=None) -> dict[str, torch.Tensor]:
+    def fine_tune(self, x, y, steps: int, way: int, generator) -> dict[str, torch.Tensor]:
         """Weights after `steps` inner steps on (x, y), starting from the module's own.
-        The minibatch order comes from the global RNG (training) or from `generator`, on
-        the CPU (evaluation: the same for a task whatever the device, the batch or the
-        random state, so a checkpoint's test score is repeatable)."""
+        The minibatch order comes from `generator`, on the CPU (the same for a task
+        whatever the device, the thread or the other tasks)."""
         params = {n: p.detach().clone() for n, p in self.named_parameters()}
         state = {n: (torch.zeros_like(p), torch.zeros_like(p)) for n, p in params.items()}
         n = x.shape[0]
 
         def permutation():
-            if generator is None:
-                return torch.randperm(n, device=x.device)
             return torch.randperm(n, generator=generator).to(x.device)
 
         order = permutation()
@@ -115,33 +126,57 @@ class Reptile(HeadLearner):
         m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
         return p - self.inner_lr * m_hat / (v_hat.sqrt() + 1e-8)
 
+    def formulation(self, device: torch.device, tasks: int) -> str:
+        """How the tasks run: "threads" or "loop" (see the class docstring)."""
+        if self.batched != "loop" and task_threads.usable(device, tasks):
+            return "threads"
+        return "loop"
+
     def predict(self, support_x, support_y, query_x, way=None):
         way = infer_way(support_y, way)
         self.check_way(way)
         steps = self.inner_steps if self.training else self.test_inner_steps
-        out = []
-        for sx, sy, qx in zip(support_x, support_y, query_x):
-            generator = None if self.training else torch.Generator().manual_seed(0)
+        seeds = self.task_seeds(len(support_x))
+
+        def one(model: Reptile, i: int) -> torch.Tensor:
             with torch.enable_grad():
-                params = self.fine_tune(sx, sy, steps, way, generator)
-            with torch.no_grad(), self.autocast():
-                out.append(functional_call(self, params, (qx,))[:, :way])
-        return torch.stack(out)
+                params = model.fine_tune(support_x[i], support_y[i], steps, way, seeds[i])
+            with torch.no_grad(), model.autocast():
+                return functional_call(model, params, (query_x[i],))[:, :way]
+
+        threaded = self.formulation(support_x.device, len(support_x)) == "threads"
+        return torch.stack(task_threads.map_tasks(self, len(support_x), one, threaded))
+
+    def task_seeds(self, tasks: int) -> list[torch.Generator]:
+        """Each task's minibatch generator: in training seeded from the global generator
+        (drawn here, in the calling thread, before any task runs); in evaluation with 0, so
+        that a checkpoint's test score is repeatable."""
+        if not self.training:
+            return [torch.Generator().manual_seed(0) for _ in range(tasks)]
+        seeds = torch.randint(0, 2**62, (tasks,)).tolist()
+        return [torch.Generator().manual_seed(s) for s in seeds]
 
     def meta_train_step(self, episodes: Episodes) -> dict[str, torch.Tensor]:
         self.train()
-        way = episodes.way
+        way, b = episodes.way, episodes.batch_size
         theta = dict(self.named_parameters())
+        generators = self.task_seeds(b)
+
+        def one(model: Reptile, i: int):
+            phi = model.fine_tune(
+                episodes.support_x[i], episodes.support_y[i], self.inner_steps, way, generators[i]
+            )
+            with torch.no_grad(), model.autocast():
+                logits = functional_call(model, phi, (episodes.query_x[i],))[:, :way].float()
+            return phi, logits
+
+        threaded = self.formulation(episodes.support_x.device, b) == "threads"
+        results = task_threads.map_tasks(self, b, one, threaded)
         deltas = {n: torch.zeros_like(p) for n, p in theta.items()}
         losses, scores = [], []
-        for sx, sy, qx, qy in zip(
-            episodes.support_x, episodes.support_y, episodes.query_x, episodes.query_y
-        ):
-            phi = self.fine_tune(sx, sy, self.inner_steps, way)
+        for (phi, logits), qy in zip(results, episodes.query_y):  # in task order
             for n in deltas:
-                deltas[n] += (theta[n].detach() - phi[n]) / episodes.batch_size
-            with torch.no_grad(), self.autocast():
-                logits = functional_call(self, phi, (qx,))[:, :way].float()
+                deltas[n] += (theta[n].detach() - phi[n]) / b
             losses.append(supervised_loss(logits, qy))
             scores.append(task_scores(logits[None], qy[None])[0])
         # the update direction theta - mean(phi) as the gradient: with optimizer=sgd at

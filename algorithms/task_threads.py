@@ -72,3 +72,24 @@ def run(work: Callable[[range], T], parts: Sequence[range]) -> list[T]:
         return [f.result() for f in futures]
     finally:
         torch.set_num_threads(threads)
+
+
+def usable(device: torch.device, tasks: int) -> bool:
+    """Whether worker threads can share out `tasks` tasks: CPU tensors, two tasks or more,
+    and two intra-op threads or more to give one each."""
+    return device.type == "cpu" and tasks >= 2 and torch.get_num_threads() >= 2
+
+
+def map_tasks(module: nn.Module, count: int, per_task: Callable, threaded: bool) -> list:
+    """[per_task(m, i) for i in range(count)], m the module: in task order on the calling
+    thread, or with the tasks in groups on worker threads (one intra-op thread each, each
+    group on its own `replica`), the results still in task order. per_task must set its
+    own grad mode: a worker thread starts with gradients on whatever the caller's is."""
+    if not threaded:
+        return [per_task(module, i) for i in range(count)]
+
+    def work(part: range) -> list:
+        own = replica(module)
+        return [per_task(own, i) for i in part]
+
+    return [r for group in run(work, groups(count, torch.get_num_threads())) for r in group]

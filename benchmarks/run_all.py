@@ -14,7 +14,13 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import bench_continual, bench_learner_step, bench_maml, bench_sampler
+from benchmarks import (
+    bench_continual,
+    bench_learner_step,
+    bench_maml,
+    bench_sampler,
+    bench_threads,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "outputs" / "bench" / "results.json"  # outputs/ is git-ignored
@@ -96,6 +102,14 @@ def row(r: dict) -> str:
             f"{r['x_vs_l2l_reference']:.2f}x the l2l reference {r['l2l_reference']} it/s; "
             f">= {r['target_x']}x: {met}",
         )
+    elif r["benchmark"] in ("reptile_step", "reptile_predict", "imaml_step", "imaml_predict"):
+        low, high = r["spread"]
+        values = (
+            f"{r['metarun']:,.1f} ms (threads, {r['threads']} workers)",
+            f"{r['baseline']:,.1f} ms (loop, same learner)",
+            f"{r['ratio']:.2f}x faster (blocks {low:.2f}-{high:.2f}x)",
+            f"no target; weights/outputs within {r['rel_diff_vs_loop']:.0e} of the loop's",
+        )
     elif r["benchmark"] in ("ewc_penalty", "den_step"):
         low, high = r["spread"]
         values = (
@@ -137,6 +151,7 @@ def main() -> None:
     records = bench_sampler.run(args.device, args.quick, args.omniglot_root)
     records += bench_learner_step.run(args.device, args.quick)
     records += bench_maml.run(args.device, args.quick)
+    records += bench_threads.run(args.device, args.quick)
     records += bench_continual.run(args.device, args.quick)
     seconds = time.perf_counter() - start
 

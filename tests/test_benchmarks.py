@@ -24,10 +24,13 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     learners = ["protonet", "siamese", "matching", "relation", "relation_networks"]
     steps = [f"{name}_step" for name in learners for _ in range(2)]  # 5w1s and 20w1s each
     maml = ["maml_a", "maml_b", "maml_imaml_memory"]
+    threads = ["reptile_step", "reptile_predict", "imaml_step", "imaml_predict"]
     continual = ["ewc_penalty"] * 3 + ["den_step"] * 2  # --quick: two DEN sizes
-    names = ["sampler"] * 2 + ["sampler_84"] + steps + maml + continual
+    names = ["sampler"] * 2 + ["sampler_84"] + steps + maml + threads + continual
     assert [r["benchmark"] for r in records] == names
     records, continual = records[: -len(continual)], records[-len(continual) :]
+    records, threaded = records[: -len(threads)], records[-len(threads) :]
+    assert all(r["metarun"] > 0 and r["rel_diff_vs_loop"] < 0.05 for r in threaded)
     assert all(r["metarun"] > 0 and r["baseline"] > 0 for r in records[:-1] + continual)
     for r in records[-3:-1]:  # the same meta-gradients, whichever way they are computed
         assert max(r["meta_gradient_rel_diff_vs_baseline"].values()) < 1e-4, r

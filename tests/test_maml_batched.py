@@ -130,15 +130,6 @@ def test_vmap_with_running_statistics_is_refused():
 # -- batched="threads": groups of tasks on worker threads ---------------------------------
 
 
-@pytest.fixture
-def two_threads():
-    """Two intra-op threads, so batched="threads" makes two groups (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def step_grads(learner, ep):
     """The gradients meta_train_step leaves in .grad (an optimizer that does not move)."""
     learner.optimizer = torch.optim.SGD(learner.parameters(), lr=0.0)

@@ -160,6 +160,74 @@ def test_imaml_vmap_and_loop_give_the_same_meta_gradient_and_predictions():
     torch.testing.assert_close(l1, l2)
 
 
+def conv_episodes(batch=4, way=3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return Episodes(
+        torch.rand(batch, way * 2, 1, 28, 28, generator=g, dtype=dtype),
+        torch.arange(way).repeat_interleave(2).repeat(batch, 1),
+        torch.rand(batch, way * 2, 1, 28, 28, generator=g, dtype=dtype),
+        torch.arange(way).repeat_interleave(2).repeat(batch, 1),
+        torch.arange(way).repeat(batch, 1),
+    )
+
+
+def small(cls, batched: str, dtype=torch.float32):
+    from metarun.algorithms import conv4
+
+    torch.manual_seed(0)
+    kw = {"inner_steps": 3, "test_inner_steps": 3}
+    if cls is IMAML:
+        kw |= {"cg_steps": 3, "lam": 1.0}
+    else:
+        kw |= {"inner_batch": 4}
+    return cls(conv4(hidden=8, variant="strided"), way=3, batched=batched, **kw).to(dtype)
+
+
+def one_step(learner, ep, seed=5):
+    """The weights after one outer step (global generator seeded: Reptile's minibatch
+    orders) and the predictions after it."""
+    configure(learner, 0.1 if isinstance(learner, Reptile) else 1e-3)
+    torch.manual_seed(seed)
+    metrics = learner.meta_train_step(ep)
+    with torch.no_grad():
+        logits = learner.eval().predict(ep.support_x, ep.support_y, ep.query_x)
+    learner.train()
+    return metrics, [p.detach().clone() for p in learner.parameters()], logits
+
+
+@pytest.mark.parametrize("cls", [Reptile, IMAML])
+def test_threads_repeat_bit_for_bit_and_agree_with_the_loop(two_threads, cls):
+    ep = conv_episodes()
+    assert small(cls, "threads").formulation(torch.device("cpu"), 4) == "threads"
+    runs = [one_step(small(cls, "threads"), ep) for _ in range(2)]
+    (m1, w1, l1), (m2, w2, l2) = runs
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2, strict=True))  # the same thread count
+    assert torch.equal(l1, l2) and torch.equal(m1["loss"], m2["loss"])
+    # the loop computes the same numbers: in float64 the two differ by rounding only (an
+    # intra-op thread count of 2 against 1 per task; Adam and CG amplify it to ~1e-10),
+    # far below any difference float32 or a wrong task order would make
+    ep64 = conv_episodes(dtype=torch.float64)
+    (m3, w3, l3), (m4, w4, l4) = (
+        one_step(small(cls, b, torch.float64), ep64) for b in ("loop", "threads")
+    )
+    for a, b in zip(w3, w4, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(l3, l4, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(m3["loss"], m4["loss"], rtol=1e-8, atol=0)
+    assert any(
+        not torch.equal(a, p) for a, p in zip(w3, small(cls, "loop", torch.float64).parameters())
+    )
+
+
+@pytest.mark.parametrize("cls", [Reptile, IMAML])
+def test_auto_uses_threads_on_a_multithreaded_cpu_only(two_threads, cls):
+    learner, cpu = small(cls, "auto"), torch.device("cpu")
+    assert learner.formulation(cpu, 4) == "threads"
+    assert learner.formulation(cpu, 1) == "loop"  # one task: nothing to share out
+    torch.set_num_threads(1)
+    assert learner.formulation(cpu, 4) == "loop"
+
+
 @pytest.mark.parametrize(
     "cls, kw, match",
     [
@@ -168,6 +236,7 @@ def test_imaml_vmap_and_loop_give_the_same_meta_gradient_and_predictions():
         (IMAML, {"lam": 0.0}, "lam"),
         (IMAML, {"cg_steps": 0}, "cg_steps"),
         (IMAML, {"batched": "yes"}, "batched"),
+        (Reptile, {"batched": "vmap"}, "batched"),
     ],
 )
 def test_bad_settings_fail_clearly(cls, kw, match):

@@ -1,0 +1,153 @@
+"""Reptile and iMAML on the CPU's cores: the tasks of a meta-batch in groups on worker
+threads (batched="threads", one intra-op thread each) against the same learner running
+them one after another (batched="loop", every op on all intra-op threads), same run.
+
+Settings of the omniglot_small presets (strided conv4, 28x28 random episodes):
+- reptile step: 5-way 10-shot, meta-batch 5, 5 inner SGD steps of 10 images
+  (experiment=reptile_omniglot_small_5w1s); reptile predict: 5-way 1-shot 15-query tasks,
+  10 fine-tuning steps, 8 tasks per call (its evaluation);
+- imaml step: 5-way 1-shot 5-query, meta-batch 4, 8 inner steps, 3 CG steps
+  (experiment=imaml_omniglot_small_5w1s); imaml predict: 5-way 1-shot 15-query, 16 inner
+  steps, 8 tasks per call.
+
+Both sides start from the same weights; the record holds the largest relative
+difference of the weights after one step (or of the predictions), which float rounding
+alone explains (one intra-op thread against several per op).
+
+Run: python -m benchmarks.bench_threads [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import statistics
+
+import torch
+
+from benchmarks.timing import interleaved
+from metarun.algorithms import IMAML, Reptile, conv4
+from metarun.data import Episodes
+
+REPEATS, BLOCK_S = 7, 1.0
+
+
+def episodes(tasks: int, way: int, shot: int, query: int) -> Episodes:
+    g = torch.Generator().manual_seed(0)
+    return Episodes(
+        torch.rand(tasks, way * shot, 1, 28, 28, generator=g),
+        torch.arange(way).repeat_interleave(shot).repeat(tasks, 1),
+        torch.rand(tasks, way * query, 1, 28, 28, generator=g),
+        torch.arange(way).repeat_interleave(query).repeat(tasks, 1),
+        torch.arange(way).repeat(tasks, 1),
+    )
+
+
+def pair(make) -> tuple:
+    torch.manual_seed(0)
+    loop = make("loop")
+    threads = copy.deepcopy(loop)
+    threads.batched = "threads"
+    for learner in (loop, threads):
+        lr = 1.0 if isinstance(learner, Reptile) else 1e-3
+        learner.configure_optimizer(functools.partial(torch.optim.SGD, lr=lr))
+    return loop, threads
+
+
+def step(learner, ep):
+    def call():
+        torch.manual_seed(0)  # Reptile's minibatch orders: the same on both sides
+        learner.meta_train_step(ep)
+
+    return call
+
+
+def predict(learner, ep):
+    def call():
+        with torch.no_grad():
+            learner.eval().predict(ep.support_x, ep.support_y, ep.query_x)
+
+    return call
+
+
+def difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(a, b))
+
+
+def after_one_step(loop, threads, ep) -> float:
+    out = []
+    for learner in (copy.deepcopy(loop), copy.deepcopy(threads)):
+        step(learner, ep)()
+        out.append([p.detach() for p in learner.parameters()])
+    return difference(*out)
+
+
+def run(device: str = "cpu", quick: bool = False) -> list[dict]:
+    if device != "cpu":
+        return []  # worker threads are a CPU formulation
+    repeats, block = (2, 0.05) if quick else (REPEATS, BLOCK_S)
+    dev = torch.device(device)
+    reptile = functools.partial(
+        lambda batched: Reptile(
+            conv4(variant="strided"), 5, inner_steps=5, inner_lr=0.1, inner_optimizer="sgd",
+            inner_batch=10, test_inner_steps=10, batched=batched,
+        )
+    )  # fmt: skip
+    imaml = functools.partial(
+        lambda batched: IMAML(
+            conv4(variant="strided"), 5, lam=0.25, inner_steps=8, inner_lr=0.1,
+            test_inner_steps=16, cg_steps=3, batched=batched,
+        )
+    )  # fmt: skip
+    cases = (
+        ("reptile_step", "5w10s, meta-batch 5, 5 SGD steps of 10", reptile, episodes(5, 5, 10, 1), "step"),
+        ("reptile_predict", "5w1s 15q, 8 tasks, 10 steps", reptile, episodes(8, 5, 1, 15), "predict"),
+        ("imaml_step", "5w1s 5q, meta-batch 4, 8 steps, 3 CG", imaml, episodes(4, 5, 1, 5), "step"),
+        ("imaml_predict", "5w1s 15q, 8 tasks, 16 steps", imaml, episodes(8, 5, 1, 15), "predict"),
+    )  # fmt: skip
+    records = []
+    for name, config, make, ep, kind in cases:
+        loop, threads = pair(make)
+        if kind == "step":
+            a, b = step(threads, ep), step(loop, ep)
+            diff = after_one_step(loop, threads, ep)
+        else:
+            a, b = predict(threads, ep), predict(loop, ep)
+            with torch.no_grad():
+                out = [
+                    m.eval().predict(ep.support_x, ep.support_y, ep.query_x)
+                    for m in (loop, threads)
+                ]
+            diff = difference([out[1]], [out[0]])
+        ours, base = interleaved(a, b, repeats, block, 1, dev)
+        m, loop_ms = statistics.median(ours), statistics.median(base)
+        records.append(
+            {
+                "benchmark": name,
+                "config": config,
+                "metarun": m,
+                "baseline": loop_ms,
+                "ratio": loop_ms / m,  # speed-up: loop time over threads time
+                "spread": [min(base) / max(ours), max(base) / min(ours)],
+                "threads": torch.get_num_threads(),
+                "rel_diff_vs_loop": diff,
+            }
+        )
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    for r in run("cpu", args.quick):
+        print(
+            f"{r['benchmark']:16s} {r['config']:40s} threads {r['metarun']:8.1f} ms, loop "
+            f"{r['baseline']:8.1f} ms: {r['ratio']:.2f}x (blocks {r['spread'][0]:.2f}-"
+            f"{r['spread'][1]:.2f}x), {r['threads']} threads, rel. diff {r['rel_diff_vs_loop']:.1e}"
+        )
+
+
+if __name__ == "__main__":
+    main()
