@@ -39,6 +39,12 @@ lint: install ## ruff check and format check
 bench: install ## speed benchmarks, as ratios against baselines measured in the same run
 	$(BIN)/python -m benchmarks.run_all $(ARGS)
 
+L2L_VENV ?= .venv-l2l
+L2L_TORCH ?= torch==2.14.1 torchvision==0.29.1
+.PHONY: bench-env
+bench-env: ## side env .venv-l2l: newest torch, learn2learn 0.2.0 (for benchmarks.bench_l2l)
+	PYTHON=$(PYTHON) L2L_VENV=$(L2L_VENV) L2L_TORCH="$(L2L_TORCH)" bash benchmarks/l2l_env.sh
+
 clean: ## remove run outputs, caches and build files (keeps .venv)
 	rm -rf outputs/2* outputs/multirun build dist *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
