@@ -47,4 +47,4 @@ bench-env: ## side env .venv-l2l: newest torch, learn2learn 0.2.0 (for benchmark
 
 clean: ## remove run outputs, caches and build files (keeps .venv)
 	rm -rf outputs/2* outputs/multirun build dist *.egg-info .pytest_cache .ruff_cache
-	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+	find . -name __pycache__ -type d -not -path "./$(VENV)/*" -not -path "./$(L2L_VENV)/*" -prune -exec rm -rf {} +

@@ -16,6 +16,7 @@ import torch
 
 from benchmarks import (
     bench_continual,
+    bench_l2l,
     bench_learner_step,
     bench_maml,
     bench_sampler,
@@ -93,6 +94,8 @@ def row(r: dict) -> str:
             f"{r['x_vs_l2l_reference']:,.0f}x vs l2l ref {r['l2l_reference']:.0f}/s; "
             f">= {r['target_episodes_per_s']:,.0f}/s: {met}",
         )
+    elif r["benchmark"].startswith("maml_vs_l2l_"):
+        values = bench_l2l.row_values(r)
     elif r["benchmark"].startswith("maml_") and "l2l_reference" in r:
         values = (
             f"{r['metarun']:.2f} it/s ({r['auto_picks']}; loop {r['loop']:.2f}, "
@@ -153,6 +156,13 @@ def main() -> None:
     records += bench_maml.run(args.device, args.quick)
     records += bench_threads.run(args.device, args.quick)
     records += bench_continual.run(args.device, args.quick)
+    l2l_records = bench_l2l.run_in_side_env(args.device, args.quick)  # None: no .venv-l2l
+    if l2l_records is None:
+        print(
+            "MAML against the real learn2learn: skipped, no side environment (make bench-env "
+            "builds .venv-l2l); the MAML rows compare with bench_maml's written-out loop"
+        )
+    records += l2l_records or []
     seconds = time.perf_counter() - start
 
     info = machine(device) | {"load_avg_1m_before": load_before}

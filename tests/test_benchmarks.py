@@ -21,6 +21,8 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
         timeout=600,
     )
     records = json.loads(out.read_text())["results"]
+    # rows against the real learn2learn exist only where make bench-env built .venv-l2l
+    records = [r for r in records if not r["benchmark"].startswith("maml_vs_l2l_")]
     learners = ["protonet", "siamese", "matching", "relation", "relation_networks"]
     steps = [f"{name}_step" for name in learners for _ in range(2)]  # 5w1s and 20w1s each
     maml = ["maml_a", "maml_b", "maml_imaml_memory"]
