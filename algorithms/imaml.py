@@ -145,7 +145,8 @@ class IMAML(HeadLearner):
     groups of tasks on CPU worker threads, one intra-op thread each (task_threads.py),
     and sums the meta-gradients in task order, as the loop does, so a run gives the same
     weights every time for a given thread count. All compute the same values.
-    "auto": vmap on CUDA, threads on a CPU with two or more torch threads, else the loop.
+    "auto": vmap on CUDA; on a CPU with two or more torch threads, threads for a
+    convolutional network; else the loop.
     Departure: the paper's Omniglot experiments solve the inner problem with
     Hessian-free or many GD steps; the solver here is plain GD.
     """
@@ -210,10 +211,14 @@ class IMAML(HeadLearner):
         """How the tasks run: "vmap", "threads" or "loop" (see the class docstring). auto:
         vmap on CUDA (one launch per layer for all tasks instead of one per task; measured
         on an H200, see the README); on the CPU, where vmap was not measured faster,
-        worker threads when there are two or more intra-op threads (make bench)."""
+        worker threads for convolutional networks when there are two or more intra-op
+        threads (make bench)."""
         how = self.batched
         if how == "auto":
-            how = "vmap" if device.type == "cuda" else "threads"
+            if device.type == "cuda":
+                how = "vmap"
+            else:
+                how = "threads" if task_threads.has_conv(self.backbone) else "loop"
         if how == "threads" and not task_threads.usable(device, tasks):
             return "loop"
         return how

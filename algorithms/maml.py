@@ -110,7 +110,7 @@ class MAML(HeadLearner):
             )
         self.batched, self.batch_norm = batched, batch_norm
         super().__init__(backbone, way, batch_statistics=batch_norm == "transductive")
-        self.has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in backbone.modules())
+        self.has_conv = task_threads.has_conv(backbone)
         self.inner_steps, self.test_inner_steps = inner_steps, test_inner_steps
         self.inner_lr, self.first_order, self.adapt = float(inner_lr), first_order, adapt
         self.test_inner_lr = self.inner_lr if test_inner_lr is None else float(test_inner_lr)

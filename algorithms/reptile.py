@@ -48,7 +48,8 @@ class Reptile(HeadLearner):
     of tasks on CPU worker threads, one intra-op thread each (task_threads.py, as MAML
     does), and the outer direction sums the tasks' differences in task order, so a run
     gives the same weights every time for a given thread count. batched="loop" runs the
-    tasks one after another; "auto": threads on a CPU with two or more torch threads.
+    tasks one after another; "auto": threads for a convolutional network on a CPU with two
+    or more torch threads, else the loop.
     """
 
     compile_refusal = (
@@ -127,10 +128,12 @@ class Reptile(HeadLearner):
         return p - self.inner_lr * m_hat / (v_hat.sqrt() + 1e-8)
 
     def formulation(self, device: torch.device, tasks: int) -> str:
-        """How the tasks run: "threads" or "loop" (see the class docstring)."""
-        if self.batched != "loop" and task_threads.usable(device, tasks):
-            return "threads"
-        return "loop"
+        """How the tasks run: "threads" or "loop" (see the class docstring); auto takes the
+        threads for convolutional networks only (measured: make bench)."""
+        wanted = self.batched == "threads" or (
+            self.batched == "auto" and task_threads.has_conv(self.backbone)
+        )
+        return "threads" if wanted and task_threads.usable(device, tasks) else "loop"
 
     def predict(self, support_x, support_y, query_x, way=None):
         way = infer_way(support_y, way)

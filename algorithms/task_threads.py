@@ -93,3 +93,10 @@ def map_tasks(module: nn.Module, count: int, per_task: Callable, threaded: bool)
         return [per_task(own, i) for i in part]
 
     return [r for group in run(work, groups(count, torch.get_num_threads())) for r in group]
+
+
+def has_conv(module: nn.Module) -> bool:
+    """Whether the network has convolutions: the networks worker threads were measured to
+    speed up (benchmarks/bench_maml.py, bench_threads.py); a small MLP's ops are too short
+    for the threads to pay."""
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())

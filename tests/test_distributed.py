@@ -105,7 +105,11 @@ def test_two_processes_equal_one_with_the_same_total_meta_batch(tmp_path, name):
         assert r2["val_mse"] == pytest.approx(r1["val_mse"], rel=1e-5)
     r1 = json.loads((one / "results.json").read_text())
     r2 = json.loads((two / "results.json").read_text())
-    assert r2["test_mse"] == pytest.approx(r1["test_mse"], rel=1e-5)
+    # the test fine-tunes every test task afresh (Reptile: 50 SGD steps), which amplifies
+    # the weights' rounding-level differences (the all-reduce's summation order): the order
+    # of the images inside one full-batch inner step alone moved Reptile's test MSE by
+    # 3e-5 relative, so 1e-4 separates rounding from a wrong split of the tasks
+    assert r2["test_mse"] == pytest.approx(r1["test_mse"], rel=1e-4)
     assert r2["episodes"] == r1["episodes"] == 10
 
 

@@ -224,6 +224,7 @@ def test_auto_uses_threads_on_a_multithreaded_cpu_only(two_threads, cls):
     learner, cpu = small(cls, "auto"), torch.device("cpu")
     assert learner.formulation(cpu, 4) == "threads"
     assert learner.formulation(cpu, 1) == "loop"  # one task: nothing to share out
+    assert cls(tiny(), way=2).formulation(cpu, 4) == "loop"  # no convolutions: the loop
     torch.set_num_threads(1)
     assert learner.formulation(cpu, 4) == "loop"
 
