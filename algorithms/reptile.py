@@ -139,18 +139,18 @@ class Reptile(HeadLearner):
         way = infer_way(support_y, way)
         self.check_way(way)
         steps = self.inner_steps if self.training else self.test_inner_steps
-        seeds = self.task_seeds(len(support_x))
+        generators = self.task_generators(len(support_x))
 
         def one(model: Reptile, i: int) -> torch.Tensor:
             with torch.enable_grad():
-                params = model.fine_tune(support_x[i], support_y[i], steps, way, seeds[i])
+                params = model.fine_tune(support_x[i], support_y[i], steps, way, generators[i])
             with torch.no_grad(), model.autocast():
                 return functional_call(model, params, (query_x[i],))[:, :way]
 
         threaded = self.formulation(support_x.device, len(support_x)) == "threads"
         return torch.stack(task_threads.map_tasks(self, len(support_x), one, threaded))
 
-    def task_seeds(self, tasks: int) -> list[torch.Generator]:
+    def task_generators(self, tasks: int) -> list[torch.Generator]:
         """Each task's minibatch generator: in training seeded from the global generator
         (drawn here, in the calling thread, before any task runs); in evaluation with 0, so
         that a checkpoint's test score is repeatable."""
@@ -163,7 +163,7 @@ class Reptile(HeadLearner):
         self.train()
         way, b = episodes.way, episodes.batch_size
         theta = dict(self.named_parameters())
-        generators = self.task_seeds(b)
+        generators = self.task_generators(b)
 
         def one(model: Reptile, i: int):
             phi = model.fine_tune(

@@ -88,18 +88,19 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         return []  # worker threads are a CPU formulation
     repeats, block = (2, 0.05) if quick else (REPEATS, BLOCK_S)
     dev = torch.device(device)
-    reptile = functools.partial(
-        lambda batched: Reptile(
+
+    def reptile(batched: str) -> Reptile:
+        return Reptile(
             conv4(variant="strided"), 5, inner_steps=5, inner_lr=0.1, inner_optimizer="sgd",
             inner_batch=10, test_inner_steps=10, batched=batched,
-        )
-    )  # fmt: skip
-    imaml = functools.partial(
-        lambda batched: IMAML(
+        )  # fmt: skip
+
+    def imaml(batched: str) -> IMAML:
+        return IMAML(
             conv4(variant="strided"), 5, lam=0.25, inner_steps=8, inner_lr=0.1,
             test_inner_steps=16, cg_steps=3, batched=batched,
-        )
-    )  # fmt: skip
+        )  # fmt: skip
+
     cases = (
         ("reptile_step", "5w10s, meta-batch 5, 5 SGD steps of 10", reptile, episodes(5, 5, 10, 1), "step"),
         ("reptile_predict", "5w1s 15q, 8 tasks, 10 steps", reptile, episodes(8, 5, 1, 15), "predict"),

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shlex
 import signal
 import time
 import zlib
@@ -63,7 +62,7 @@ from metarun.runners.files import write_text_atomic
 from metarun.runners.logging import RunLogger
 from metarun.runners.results import write_results
 from metarun.runners.stopping import Interrupted, stop_signals
-from metarun.runners.trainer import check_compatible, command_overrides
+from metarun.runners.trainer import check_compatible, resume_command
 
 log = logging.getLogger("metarun")
 
@@ -173,11 +172,10 @@ class ContinualRun:
 
     def stop(self, signum: int, at_once: bool) -> None:
         path = self.save("last.pt")
-        words = ["metarun", *command_overrides(), f"resume={shlex.quote(str(self.run_dir))}"]
         how = "stopped at once by a second signal" if at_once else "interrupted by"
         raise StoppedError(
             f"{how} {signal.Signals(signum).name} at {self.where()}; checkpoint written to "
-            f"{path}. Resume with:\n  {' '.join(words)}",
+            f"{path}. Resume with:\n  {resume_command(self.run_dir)}",
             exit_code=128 + signum,
         )
 
@@ -238,7 +236,6 @@ class ContinualRun:
                 phase = learner.first_phase(t)
                 self.cursor = Cursor(phase)
                 self.optimizer = self.make_optimizer(phase)
-        loss = float("nan")
         while self.cursor.phase is not None:
             cur, phase = self.cursor, self.cursor.phase
             epochs = c.epochs if phase.epochs is None else phase.epochs
@@ -262,8 +259,8 @@ class ContinualRun:
                 self.cursor = Cursor(after, losses=cur.losses)
                 self.optimizer = self.make_optimizer(after) if after is not None else None
             self.check_signal(signals)
-        losses = self.cursor.losses
-        return losses[-1] if losses else loss
+        losses = self.cursor.losses  # every finished phase's mean loss; the last is the task's
+        return losses[-1] if losses else float("nan")
 
     def check_signal(self, signals) -> None:
         signum = signals.requested()

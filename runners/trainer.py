@@ -305,8 +305,7 @@ class Trainer:
 
     def resume_hint(self) -> str:
         """The command that continues this run."""
-        words = ["metarun", *command_overrides(), f"resume={shlex.quote(str(self.run_dir))}"]
-        return " ".join(words)
+        return resume_command(self.run_dir)
 
     def stop_for_signal(self, signum: int, window: list) -> None:
         tc = self.cfg.trainer
@@ -507,6 +506,12 @@ def lr_schedule(
             optimizer, lambda step: decay_factor ** (step // decay_every)
         )
     raise ConfigError(f"trainer.schedule={kind!r}; choose constant, cosine, linear or step")
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in `run_dir`: this job's overrides and resume=."""
+    words = ["metarun", *command_overrides(), f"resume={shlex.quote(str(run_dir))}"]
+    return " ".join(words)
 
 
 def command_overrides() -> list[str]:
