@@ -46,14 +46,18 @@ class Episodes:
         return Episodes(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
 
+def check_positive(way: int, shot: int, query: int) -> None:
+    for name, value in (("way", way), ("shot", shot), ("query", query)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
 def check_episode_shape(
     store: ClassStore, way: int, shot: int, query: int, split: str = ""
 ) -> None:
     """Raise a clear error when a split cannot supply the requested episodes."""
     where = f" in the {split!r} split" if split else ""
-    for name, value in (("way", way), ("shot", shot), ("query", query)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    check_positive(way, shot, query)
     if way > store.num_classes:
         raise ConfigError(
             f"way={way} is larger than the {store.num_classes} classes{where}; "
@@ -265,12 +269,149 @@ class ImageBatchSampler(SeededSampler):
         return Episodes(x[:, None], zeros, empty, zeros[:, :0], classes)
 
 
+# ---------------------------------------------------------------- evaluation protocols
+
+# How fixed evaluation episodes are drawn (eval.protocol):
+# - "random": `way` classes drawn from the whole split, rotation-made classes included,
+#   and any `shot + query` images of each;
+# - "within_alphabet": the one-shot protocol of Lake et al. (Science 2015): the classes of
+#   an episode are characters of one alphabet, unrotated, and each image of a character is
+#   by another person: the support by `shot` people, the queries by `query` others, the
+#   same people for every character of the episode. Stores that know who drew each image
+#   (Omniglot's) support it.
+PROTOCOLS = ("random", "within_alphabet")
+
+
+def within_alphabet_indices(
+    store: ClassStore,
+    n: int,
+    way: int,
+    shot: int,
+    query: int,
+    generator: torch.Generator,
+    alphabets: Sequence[str] | None = None,
+    split: str = "",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw n within-alphabet tasks (Lake et al., 2015); `alphabets` restricts them to those
+    alphabets of the store (None: all of them).
+
+    The episodes go to the alphabets in turn, in an order drawn from `generator`, so each
+    alphabet gets n / A of them (A alphabets; the first n mod A one more). Each episode
+    then draws `way` of its alphabet's characters and `shot + query` of the people who drew
+    every character of the alphabet: the first `shot` people's drawings are the support,
+    the others' the queries. Returns base class ids [n, way] (rotation 0) and sample ids
+    [n, way, shot + query] (the first `shot` the support, as `gather` splits them).
+    """
+    check_positive(way, shot, query)
+    table = drawer_table(store)  # [n_base, D]
+    groups = alphabet_groups(store, alphabets, split)
+    check_alphabet_sizes(groups, way, split)
+    # who drew every character of each alphabet: column ids into `table`
+    people = {a: (table[ids] >= 0).all(0).nonzero()[:, 0] for a, ids in groups.items()}
+    check_drawers(people, shot, query, split)
+    names = sorted(groups)  # the same episodes however `alphabets` is ordered
+    order = torch.randperm(len(names), generator=generator).tolist()
+    classes, samples = [], []
+    for i in range(n):
+        name = names[order[i % len(names)]]
+        chars, who = groups[name], people[name]
+        chars = chars[torch.randperm(len(chars), generator=generator)[:way]]  # [way]
+        who = who[torch.randperm(len(who), generator=generator)[: shot + query]]  # [k]
+        classes.append(chars)
+        samples.append(table[chars][:, who])  # [way, k]: drawer who[j]'s image of each
+    return torch.stack(classes), torch.stack(samples)
+
+
+def drawer_table(store: ClassStore) -> torch.Tensor:
+    """table[b, d]: the position within base class b of the image by the d-th drawer (in
+    the order of their ids), -1 if that person did not draw b; the first such image when
+    someone drew b twice."""
+    if getattr(store, "drawers", None) is None:
+        raise ConfigError(
+            "eval.protocol=within_alphabet needs to know who drew each image and each "
+            "class's alphabet, which only the Omniglot data sets record (data=omniglot, "
+            "data=omniglot_small); use eval.protocol=random with this data set"
+        )
+    counts, offsets = store.counts.cpu(), store.offsets.cpu()
+    people, person = torch.unique(store.drawers.cpu(), return_inverse=True)  # [N] in 0..D-1
+    base = torch.repeat_interleave(torch.arange(store.n_base), counts)  # [M] each image's class
+    position = torch.arange(len(base)) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts
+    )
+    who = person[offsets[base] + position]  # [M] its drawer's column
+    absent = int(counts.max()) if len(counts) else 0  # above every position
+    table = torch.full((store.n_base * len(people),), absent, dtype=torch.int64)
+    table.scatter_reduce_(0, base * len(people) + who, position, "amin")
+    table = table.view(store.n_base, len(people))
+    return table.masked_fill(table == absent, -1)
+
+
+def alphabet_groups(
+    store: ClassStore, alphabets: Sequence[str] | None, split: str = ""
+) -> dict[str, torch.Tensor]:
+    """{alphabet: its base class ids} for `alphabets` (None: every alphabet of the store)."""
+    groups: dict[str, list[int]] = {}
+    for base, name in enumerate(store.alphabets):
+        groups.setdefault(name, []).append(base)
+    if isinstance(alphabets, str):  # a lone name, not its letters
+        alphabets = [alphabets]
+    if alphabets is not None:
+        where = f"the {split!r} split" if split else "this data set"
+        unknown = [a for a in alphabets if a not in groups]
+        if unknown or not alphabets:
+            named = f"names {', '.join(map(str, unknown))}, which" if unknown else "is empty:"
+            raise ConfigError(
+                f"eval.alphabets {named} {where} does not hold; its alphabets: "
+                f"{', '.join(sorted(groups))} (eval.alphabets=null: all of them)"
+            )
+        groups = {a: groups[a] for a in alphabets}
+    return {a: torch.tensor(ids) for a, ids in groups.items()}
+
+
+def check_alphabet_sizes(groups: dict[str, torch.Tensor], way: int, split: str = "") -> None:
+    """Every alphabet must have `way` characters: name those that do not, and the fixes."""
+    sizes = {a: len(ids) for a, ids in sorted(groups.items())}
+    small = {a: n for a, n in sizes.items() if n < way}
+    if not small:
+        return
+    where = f" in the {split!r} split" if split else ""
+    few = ", ".join(f"{a} has only {n}" for a, n in small.items())
+    counts = ", ".join(f"{a}: {n}" for a, n in sizes.items())
+    fixes = [f"eval.way<={min(sizes.values())}"]
+    big = [a for a in sizes if a not in small]
+    if big and split != "val":  # validation episodes use every alphabet of their split
+        fixes.append(f"eval.alphabets=[{','.join(big)}] (those with {way} or more)")
+    raise ConfigError(
+        f"within-alphabet {way}-way episodes take {way} characters of one alphabet, but"
+        f"{where} {few} (characters per alphabet: {counts}); use {' or '.join(fixes)}"
+    )
+
+
+def check_drawers(people: dict[str, torch.Tensor], shot: int, query: int, split: str = "") -> None:
+    """Each image of a character comes from another person: shot + query people needed."""
+    k = shot + query
+    short = {a: len(who) for a, who in sorted(people.items()) if len(who) < k}
+    if not short:
+        return
+    where = f" in the {split!r} split" if split else ""
+    named = ", ".join(f"{a}: {n}" for a, n in short.items())
+    raise ConfigError(
+        f"within-alphabet episodes take each of a character's shot+query={k} images (shot="
+        f"{shot}, query={query}) from a different person, but{where} fewer people drew "
+        f"every character of an alphabet ({named}); use eval.shot+eval.query<="
+        f"{min(short.values())} (Lake's protocol: eval.shot=1 eval.query=1)"
+    )
+
+
 class FixedEpisodes:
     """A fixed list of episodes defined by a seed, for validation and testing.
 
     The indices are drawn on the CPU once, so the same seed gives the same
     episodes on every device and for every algorithm; images are gathered
     batch by batch on the store's device when iterated.
+
+    protocol: "random" or "within_alphabet" (see PROTOCOLS); alphabets: within_alphabet's
+    alphabets (None: all of the store's).
     """
 
     def __init__(
@@ -283,16 +424,26 @@ class FixedEpisodes:
         seed: int = 0,
         device: str | torch.device = "cpu",
         split: str = "",
+        protocol: str = "random",
+        alphabets: Sequence[str] | None = None,
     ):
-        check_episode_shape(store, way, shot, query, split)
+        check_protocol(protocol, alphabets)
+        if protocol == "random":
+            check_episode_shape(store, way, shot, query, split)
         if n < 1:
             raise ConfigError(f"the number of evaluation episodes must be positive, got {n}")
-        self.store = store if store.device == torch.device(device) else store.to(device)
         self.n, self.way, self.shot, self.query = n, way, shot, query
+        self.protocol, self.alphabets = protocol, alphabets
         gen = torch.Generator().manual_seed(seed)
-        classes, samples = sample_indices(
-            store.counts.cpu(), store.rotations, n, way, shot + query, gen
-        )
+        if protocol == "random":
+            classes, samples = sample_indices(
+                store.counts.cpu(), store.rotations, n, way, shot + query, gen
+            )
+        else:
+            classes, samples = within_alphabet_indices(
+                store, n, way, shot, query, gen, alphabets, split
+            )
+        self.store = store if store.device == torch.device(device) else store.to(device)
         self.classes, self.samples = classes.to(self.store.device), samples.to(self.store.device)
 
     def __len__(self) -> int:
@@ -316,8 +467,24 @@ def episode_sampler(store, way, shot, query, device="cpu", seed=0, split="", aug
     return EpisodeSampler(store, way, shot, query, device, seed, split, augment)
 
 
-def fixed_episodes(store, n, way, shot, query, seed=0, device="cpu", split=""):
-    """The fixed evaluation episodes for any store (see episode_sampler)."""
+def check_protocol(protocol: str, alphabets: Sequence[str] | None) -> None:
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"eval.protocol={protocol!r}; choose {', '.join(PROTOCOLS)}")
+    if alphabets is not None and protocol != "within_alphabet":
+        raise ConfigError(
+            "eval.alphabets chooses the alphabets of within-alphabet episodes; set "
+            "eval.protocol=within_alphabet, or eval.alphabets=null"
+        )
+
+
+def fixed_episodes(
+    store, n, way, shot, query, seed=0, device="cpu", split="", protocol="random", alphabets=None
+):
+    """The fixed evaluation episodes for any store (see episode_sampler); protocol and
+    alphabets: see FixedEpisodes (a store with its own episodes has the random ones only)."""
     if hasattr(store, "fixed_episodes"):
+        check_protocol(protocol, alphabets)
+        if protocol != "random":
+            drawer_table(store)  # the error that says which data sets have drawers
         return store.fixed_episodes(n, way, shot, query, seed, device, split)
-    return FixedEpisodes(store, n, way, shot, query, seed, device, split)
+    return FixedEpisodes(store, n, way, shot, query, seed, device, split, protocol, alphabets)

@@ -29,6 +29,7 @@ import torch
 from metarun.errors import ConfigError, DataError, summarise
 
 from .download import download_root, fetch
+from .episodes import PROTOCOLS
 from .images import INK_28, Preprocess, decode_image, list_folders, list_images
 from .params import NonNegativeInt, Rotations
 from .store import (
@@ -64,8 +65,9 @@ SMALL_SPLITS = {
     "test": ("Early_Aramaic", "Tagalog"),  # 39
 }
 # bump when the decoded layout or the checks change, so old cache files are ignored (for
-# one, stores decoded from incomplete archives before the CONTENTS check)
-CACHE_FORMAT = 2
+# one, stores decoded from incomplete archives before the CONTENTS check; 3: the store
+# keeps each image's drawer, which Lake's within-alphabet episodes need)
+CACHE_FORMAT = 3
 
 # The official archives: alphabet -> number of characters; every character has DRAWINGS
 # drawings. Module constants, so that tests can describe their small stand-ins.
@@ -199,6 +201,11 @@ def omniglot_small(
     )
 
 
+# their stores know each image's drawer and each character's alphabet, so they support
+# Lake's within-alphabet evaluation episodes as well (runners/validate.py reads this)
+omniglot.eval_protocols = omniglot_small.eval_protocols = PROTOCOLS
+
+
 # ---------------------------------------------------------------- arguments
 
 
@@ -264,6 +271,7 @@ def _union(stores: list[ClassStore]) -> ClassStore:
         torch.cat([s.offsets + shift for s, shift in zip(stores, shifts)]),
         torch.cat([s.counts for s in stores]),
         [name for s in stores for name in s.names],
+        drawers=torch.cat([s.drawers for s in stores]),  # [sum N]
     )
     first: dict[str, int] = {}
     for i, name in enumerate(merged.names):
@@ -307,7 +315,8 @@ def _fingerprint(path: Path) -> tuple:
 
 
 def _decode_archive(path: Path, prep: Preprocess) -> ClassStore:
-    """Decode every drawing of one archive: class = "<Alphabet>/<characterNN>"."""
+    """Decode every drawing of one archive: class = "<Alphabet>/<characterNN>", and keep
+    who drew each image (the file name's `_<drawer>`)."""
     log.info("decoding %s once; later runs read the cache in %s", path, cache_dir())
     reader = _ZipReader(path) if path.is_file() else _FolderReader(path)
     with reader:
@@ -318,11 +327,28 @@ def _decode_archive(path: Path, prep: Preprocess) -> ClassStore:
                 f"{_stem(path)}/<Alphabet>/<characterNN>/<image>.png; delete it and download it again."
             )
         _check_complete(path, classes)
+        drawers = [
+            torch.tensor([_drawer(reader, m) for m in members]) for members in classes.values()
+        ]
         per_class = [
             torch.stack([_decode_member(reader, m, prep) for m in members])  # [n, 1, S, S]
             for members in classes.values()
         ]
-    return ClassStore.from_classes(per_class, list(classes))
+    return ClassStore.from_classes(per_class, list(classes), drawers=drawers)
+
+
+def _drawer(reader, member: str) -> int:
+    """The drawer of `<Alphabet>/<characterNN>/<id>_<drawer>.png`: the number after the
+    last underscore (one person drew one image of every character of an alphabet)."""
+    stem = member.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    number = stem.rsplit("_", 1)[-1]
+    if "_" not in stem or not number.isdigit():
+        raise DataError(
+            f"in Omniglot archive {reader.path}: {reader.label(member)} is not named "
+            "<id>_<drawer>.png as Omniglot's drawings are; delete the archive and download "
+            "it again (data.download=true fetches it)"
+        )
+    return int(number)
 
 
 def _group(members: list[str]) -> dict[str, list[str]]:

@@ -5,6 +5,10 @@ owns rows `offsets[c] : offsets[c] + counts[c]`. Classes may differ in size.
 Rotation augmentation (Omniglot's x4 classes) is index arithmetic: class id
 `k * n_base + b` is base class `b` rotated by `k * 90` degrees, and the
 rotation is applied to the sampled images only, never stored.
+
+A store may also know who drew each image (`drawers`, Omniglot's `<id>_<drawer>.png`) and
+group its classes by the prefix of their names (`alphabets`, Omniglot's
+"<Alphabet>/<characterNN>"): what Lake's within-alphabet episodes need (data/episodes.py).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class ClassStore:
     counts: torch.Tensor  # int64 [n_base]
     names: list[str] = field(default_factory=list)  # one per base class
     rotations: int = 1  # 1 (none) or 4 (0/90/180/270 degrees as new classes)
+    drawers: torch.Tensor | None = None  # int64 [N]: who drew each image (None: unknown)
 
     def __post_init__(self) -> None:
         if self.rotations not in (1, 2, 4):
@@ -65,13 +70,23 @@ class ClassStore:
             raise ConfigError(f"rotations need square images, got {tuple(self.images.shape[-2:])}")
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise ConfigError("ClassStore.images must be a uint8 tensor [N, C, H, W]")
+        if self.drawers is not None and self.drawers.shape != self.images.shape[:1]:
+            raise ConfigError("ClassStore.drawers must hold one id per image, shape [N]")
 
     @classmethod
-    def from_classes(cls, per_class: list[torch.Tensor], names: list[str], rotations: int = 1):
-        """Build from a list of uint8 tensors [n_i, C, H, W], one per class."""
+    def from_classes(
+        cls,
+        per_class: list[torch.Tensor],
+        names: list[str],
+        rotations: int = 1,
+        drawers: list[torch.Tensor] | None = None,
+    ):
+        """Build from a list of uint8 tensors [n_i, C, H, W], one per class (and, if
+        known, int64 tensors [n_i] of who drew each image)."""
         counts = torch.tensor([len(x) for x in per_class], dtype=torch.int64)
         offsets = torch.cumsum(counts, 0) - counts
-        return cls(torch.cat(per_class), offsets, counts, list(names), rotations)
+        who = None if drawers is None else torch.cat(drawers).to(torch.int64)
+        return cls(torch.cat(per_class), offsets, counts, list(names), rotations, who)
 
     @property
     def n_base(self) -> int:
@@ -93,6 +108,12 @@ class ClassStore:
     def device(self) -> torch.device:
         return self.images.device
 
+    @property
+    def alphabets(self) -> list[str]:
+        """Each base class's group: its name up to the first "/" (Omniglot's class names
+        are "<Alphabet>/<characterNN>", so this is the character's alphabet)."""
+        return [name.split("/", 1)[0] for name in self.names]
+
     def to(self, device: str | torch.device) -> ClassStore:
         return ClassStore(
             self.images.to(device),
@@ -100,17 +121,17 @@ class ClassStore:
             self.counts.to(device),
             self.names,
             self.rotations,
+            None if self.drawers is None else self.drawers.to(device),
         )
 
     def select(self, base_ids: list[int], rotations: int | None = None) -> ClassStore:
         """A store holding only the given base classes (used to cut splits)."""
-        parts = [
-            self.images[o : o + n]
-            for o, n in zip(self.offsets[base_ids].tolist(), self.counts[base_ids].tolist())
-        ]
+        spans = list(zip(self.offsets[base_ids].tolist(), self.counts[base_ids].tolist()))
+        parts = [self.images[o : o + n] for o, n in spans]
+        drawers = None if self.drawers is None else [self.drawers[o : o + n] for o, n in spans]
         names = [self.names[i] for i in base_ids]
         return ClassStore.from_classes(
-            parts, names, self.rotations if rotations is None else rotations
+            parts, names, self.rotations if rotations is None else rotations, drawers
         )
 
     def class_images(self, class_id: int) -> torch.Tensor:
@@ -128,6 +149,7 @@ class ClassStore:
             "counts": self.counts,
             "names": self.names,
             "rotations": self.rotations,
+            "drawers": self.drawers,
         }
 
 

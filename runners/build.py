@@ -163,6 +163,17 @@ def learners_that(flag: str) -> list[str]:
     return [n for n in names if getattr(get_class(found[n]), flag, False)]
 
 
+def data_sets_with(protocol: str) -> list[str]:
+    """The data sets (conf/data/*.yaml) whose loader declares the evaluation `protocol`
+    among its `eval_protocols` (every one has "random")."""
+    folder = Path(__file__).resolve().parents[1] / "conf" / "data"
+    return [
+        p.stem
+        for p in sorted(folder.glob("*.yaml"))
+        if protocol in describes(OmegaConf.load(p), "eval_protocols", ("random",))
+    ]
+
+
 def train_sampler(cfg: DictConfig, store, device):
     """What the trainer draws each step: random episodes (way, shot, query), or, for
     learners that pretrain a classifier over all training classes (`trains_on = "images"`,

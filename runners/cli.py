@@ -30,7 +30,7 @@ from metarun.runners.results import score
 from metarun.runners.stopping import Interrupted, stop_signals
 from metarun.runners.sweep import CONTINUED_FILE, ERROR_FILE
 from metarun.runners.trainer import Trainer, eval_episodes
-from metarun.runners.validate import validate
+from metarun.runners.validate import check_protocol_fits_data, validate
 
 log = logging.getLogger("metarun")
 
@@ -132,6 +132,7 @@ def test(cfg: DictConfig, run_dir: Path) -> dict:
         if target.startswith("eval.") and stored.get("paper") is not None:
             stored.paper = None  # the paper's figure is for the preset's own test setting
     validate(OmegaConf.merge(stored, {"mode": "test", "ckpt": cfg.ckpt}))
+    check_protocol_fits_data(stored)
     device = resolve_device(stored.device)
     learner = checkpoint.load_learner(state, device=device)
     episodes = eval_episodes(

@@ -1,8 +1,9 @@
-"""The one evaluation protocol: fixed episodes, mean accuracy, 95% CI."""
+"""How runs are scored: fixed episodes (drawn by eval.protocol), mean accuracy, 95% CI."""
 
 from __future__ import annotations
 
 import torch
+from omegaconf import DictConfig
 
 from metarun.algorithms.base import MetaLearner, mean_ci95, metric_name, task_scores
 from metarun.data.episodes import FixedEpisodes
@@ -49,3 +50,12 @@ def evaluate(learner: MetaLearner, episodes: FixedEpisodes, batch_size: int | No
 def higher_is_better(result: dict) -> float:
     """A score to maximise from evaluate's result: accuracy, or minus the MSE."""
     return result["acc"] if result["metric"] == "acc" else -result["mse"]
+
+
+def eval_protocol(cfg: DictConfig) -> tuple[str, list[str] | None]:
+    """(eval.protocol, eval.alphabets), as "random" and None for a config written before
+    they existed (a checkpoint's)."""
+    alphabets = cfg.eval.get("alphabets")
+    if alphabets is not None and not isinstance(alphabets, str):
+        alphabets = list(alphabets)
+    return cfg.eval.get("protocol", "random"), alphabets

@@ -9,9 +9,10 @@ embedded) and the figures as PNG files into the sweep folder, or `--out`. A mult
 writes one at its end (runners/sweep.py).
 
 Runs whose overrides differ only in `seed=` form a group. Two groups whose test episodes
-are the same set (checked from each run's recorded definition: data set, split, way, shot,
-query, eval.seed and number of episodes) are compared episode by episode: the paired
-difference. Nothing here needs a display or a network (matplotlib's Agg backend).
+are the same set (checked from each run's recorded definition: data set, split, evaluation
+protocol and alphabets, way, shot, query, eval.seed and number of episodes) are compared
+episode by episode: the paired difference. Nothing here needs a display or a network
+(matplotlib's Agg backend).
 
 Continual runs (`"mode": "continual"` in results.json, runners/continual.py) have no test
 episodes; their report is another one: per group, the accuracy matrix R as a heat map (mean
@@ -159,7 +160,15 @@ def read_scores(folder: Path, results: dict) -> tuple[np.ndarray | None, dict | 
         raise ConfigError(
             f"{path} is not a test-episodes file (columns episode,{column})"
         ) from None
-    return scores, info.get("set")
+    return scores, episode_definition(info.get("set"))
+
+
+def episode_definition(recorded) -> dict | None:
+    """A run's recorded test-episode set; one written before metarun recorded the
+    evaluation protocol was drawn by the only protocol there was, "random"."""
+    if not isinstance(recorded, dict) or "protocol" in recorded:
+        return recorded
+    return {**recorded, "protocol": "random"}
 
 
 def read_metrics(folder: Path) -> list[dict]:
@@ -632,8 +641,9 @@ def optuna_figures(study, out: Path) -> list[tuple[str, Path]]:
 
 PAIRED_METHOD = (
     "Paired comparison: every run of metarun is scored on the same fixed test episodes when "
-    "its data set, split, way, shot, query, eval.seed and number of episodes match (checked "
-    "from each run's results.json). For two groups scored on the same set, d_i is the "
+    "its data set, split, evaluation protocol (eval.protocol, eval.alphabets), way, shot, "
+    "query, eval.seed and number of episodes match (checked from each run's results.json). "
+    "For two groups scored on the same set, d_i is the "
     "difference of their scores on episode i (a group's score on an episode is the mean over "
     "its seeds); the table gives mean(d) and the paired t 95% interval mean(d) ± "
     "t(0.975, n−1)·sd(d)/√n over the n episodes. Because both groups meet the same easy and "

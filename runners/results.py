@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.runners.build import choice
-from metarun.runners.evaluate import evaluate
+from metarun.runners.evaluate import eval_protocol, evaluate
 from metarun.runners.files import write_text_atomic
 
 log = logging.getLogger("metarun")
@@ -24,11 +24,13 @@ NOT_EPISODE_DEFINING = ("root", "download")
 
 def episode_set(cfg: DictConfig, n: int) -> dict:
     """What defines the fixed test episodes: two runs with equal sets were scored on the
-    same episodes (metarun report pairs them)."""
+    same episodes (metarun report pairs them; a set written before `protocol` was recorded
+    is a random one)."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     return {
         "data": choice(cfg, "data"),
         "split": "test",
+        **protocol_record(cfg),
         "way": cfg.eval.way,
         "shot": cfg.eval.shot,
         "query": cfg.eval.query,
@@ -36,6 +38,15 @@ def episode_set(cfg: DictConfig, n: int) -> dict:
         "episodes": n,
         "data_settings": {k: v for k, v in data.items() if k not in NOT_EPISODE_DEFINING},
     }
+
+
+def protocol_record(cfg: DictConfig) -> dict:
+    """How the test episodes were drawn: {"protocol": ...}, with "alphabets" (sorted: their
+    order does not change the episodes) when eval.alphabets restricts them."""
+    protocol, alphabets = eval_protocol(cfg)
+    if alphabets is None:
+        return {"protocol": protocol}
+    return {"protocol": protocol, "alphabets": sorted(set(alphabets))}
 
 
 def write_episode_scores(run_dir: Path, cfg: DictConfig, result: dict) -> dict:
@@ -56,6 +67,7 @@ def results_record(cfg: DictConfig, result: dict, **extra) -> dict:
         "way": cfg.eval.way,
         "shot": cfg.eval.shot,
         "query": cfg.eval.query,
+        **protocol_record(cfg),
         "algo": choice(cfg, "algo"),
         "data": choice(cfg, "data"),
         **({"paper": paper} if paper else {}),
@@ -93,12 +105,13 @@ def write_results(run_dir: Path, results: dict) -> None:
         )
         return
     log.info(
-        "test accuracy %.2f%% ± %.2f%% (95%% CI, %d episodes of %d-way %d-shot) -> %s",
+        "test accuracy %.2f%% ± %.2f%% (95%% CI, %d episodes of %d-way %d-shot%s) -> %s",
         100 * results["test_acc"],
         100 * results["ci95"],
         results["episodes"],
         results["way"],
         results["shot"],
+        ", within one alphabet" if results.get("protocol") == "within_alphabet" else "",
         path,
     )
 

@@ -29,7 +29,7 @@ from metarun.runners.build import (
     instantiate_clean,
     train_sampler,
 )
-from metarun.runners.evaluate import evaluate, higher_is_better
+from metarun.runners.evaluate import eval_protocol, evaluate, higher_is_better
 from metarun.runners.files import FileSystemError, remove_stale_temps
 from metarun.runners.logging import NullLogger, Progress, RunLogger
 from metarun.runners.results import score
@@ -63,9 +63,23 @@ RESUME_MAY_CHANGE = (
 
 
 def eval_episodes(cfg: DictConfig, store, n: int, device, split: str):
-    """The fixed episodes every algorithm is scored on, in the evaluation shape."""
+    """The fixed episodes every algorithm is scored on, in the evaluation shape and by the
+    evaluation protocol; eval.alphabets chooses the test episodes' alphabets (validation
+    episodes use every alphabet of the val split, which holds other alphabets)."""
     e = cfg.eval
-    return fixed_episodes(store, n, e.way, e.shot, e.query, seed=e.seed, device=device, split=split)
+    protocol, alphabets = eval_protocol(cfg)
+    return fixed_episodes(
+        store,
+        n,
+        e.way,
+        e.shot,
+        e.query,
+        seed=e.seed,
+        device=device,
+        split=split,
+        protocol=protocol,
+        alphabets=alphabets if split == "test" else None,
+    )
 
 
 class Trainer:
@@ -537,6 +551,7 @@ def check_compatible(cfg: DictConfig, stored: DictConfig, path: str, step: int) 
     """A checkpoint only continues the run it came from: every setting outside
     RESUME_MAY_CHANGE must be the checkpoint's, and trainer.steps may only grow."""
     now, then = flatten(to_plain(cfg)), flatten(to_plain(stored))
+    then = {**ADDED_SETTINGS, **then}  # a checkpoint from before a setting ran without it
     diffs = [
         f"{key}: checkpoint {then.get(key, '(unset)')!r} vs now {now.get(key, '(unset)')!r}"
         for key in sorted(set(now) | set(then), key=lambda k: (k not in RESUME_ORDER, k))
@@ -557,6 +572,9 @@ def check_compatible(cfg: DictConfig, stored: DictConfig, path: str, step: int) 
 
 
 MISSING = object()
+# settings added after checkpoints were first written, with the value that gives what a
+# run without them computed
+ADDED_SETTINGS = {"eval.protocol": "random", "eval.alphabets": None}
 # listed first in a refusal (the episode shape), as users mostly change these
 RESUME_ORDER = ("way", "shot", "query")
 

@@ -22,11 +22,12 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metarun.algorithms.base import NAN_POLICIES
 from metarun.algorithms.continual import SCENARIOS
+from metarun.data.episodes import PROTOCOLS
 from metarun.data.params import Range, finite_number
 from metarun.data.sequences import GROUPINGS, TRANSFORMS
 from metarun.errors import ConfigError
 from metarun.runners.build import choice as chosen
-from metarun.runners.build import describes, learner_class, learners_that
+from metarun.runners.build import data_sets_with, describes, learner_class, learners_that
 
 MODES = ("train", "test", "predict", "continual")
 SEED_MAX = 2**63 - 1
@@ -96,6 +97,15 @@ def choice(*options) -> Check:
     return check
 
 
+def names(key, value):
+    """null, or a non-empty list of texts (e.g. eval.alphabets=[Early_Aramaic,Tagalog])."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        return f"{key} must be a list of names, e.g. {key}=[Early_Aramaic], or null; got {value!r}"
+    return None
+
+
 def anything(key, value):
     return None
 
@@ -152,6 +162,8 @@ KNOBS: dict[str, Check] = {
     "eval.query": integer(1),
     "eval.seed": integer(0, SEED_MAX),
     "eval.batch": integer(1, optional=True),
+    "eval.protocol": choice(*PROTOCOLS),
+    "eval.alphabets": names,
     "continual.scenario": choice(*SCENARIOS),
     "continual.tasks": integer(1),
     "continual.split": choice("train", "val", "test"),
@@ -425,6 +437,26 @@ def check_combinations(cfg: DictConfig, plain: dict) -> None:
             "e.g. trainer.decay_every=100000 trainer.decay_factor=0.5"
         )
     check_learner_fits_data(cfg)
+    if plain["mode"] == "train":  # mode=test: the checkpoint's data set (runners/cli.py)
+        check_protocol_fits_data(cfg)
+
+
+def check_protocol_fits_data(cfg: DictConfig) -> None:
+    """eval.protocol=within_alphabet needs a data set that knows drawers and alphabets;
+    eval.alphabets means nothing without it. mode=test calls this on the checkpoint's
+    config with the command line's eval.* settings: the data set is the checkpoint's."""
+    protocol = cfg.eval.get("protocol", "random")
+    if cfg.eval.get("alphabets") is not None and protocol != "within_alphabet":
+        raise ConfigError(
+            f"eval.alphabets chooses the alphabets of within-alphabet episodes, but "
+            f"eval.protocol={protocol}; set eval.protocol=within_alphabet, or eval.alphabets=null"
+        )
+    if protocol not in describes(cfg.data, "eval_protocols", ("random",)):
+        raise ConfigError(
+            f"eval.protocol={protocol} needs to know who drew each image and each class's "
+            f"alphabet, which data={chosen(cfg, 'data')} does not record; use "
+            f"data={' or data='.join(data_sets_with(protocol))}, or eval.protocol=random"
+        )
 
 
 def check_inputs(cfg: DictConfig) -> None:
