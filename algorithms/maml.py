@@ -256,9 +256,11 @@ class MAML(HeadLearner):
 
     def meta_train_step(self, episodes: Episodes) -> dict[str, torch.Tensor]:
         """The default step, except with batched="threads": there each worker thread also
-        takes its group's share of the meta-gradient (autograd.grad of its part of the
-        mean query loss), so the backward pass, most of the work, runs in parallel too;
-        the calling thread sums the parts in group order and makes the update."""
+        takes its group's share of the meta-gradient, so the backward pass, most of the
+        work, runs in parallel too. A worker differentiates each task's part of the mean
+        query loss as soon as the task is done and adds the gradients up in task order
+        (one task's graph in memory at a time); the calling thread sums the groups' parts
+        in group order and makes the update."""
         tasks = episodes.batch_size
         if self.scaler is not None or self.formulation(episodes.support_x.device, tasks) != (
             "threads"
@@ -270,15 +272,27 @@ class MAML(HeadLearner):
         create_graph = not self.first_order
 
         def work(part: range):
-            ep = episodes[part.start : part.stop]
-            with torch.enable_grad(), self.autocast():
-                logits = task_threads.replica(self).looped_logits(
-                    ep.support_x, ep.support_y, ep.query_x, self.inner_steps, ep.way, create_graph
-                )
-                loss = self.loss(logits, ep.query_y)
-                share = loss * (len(part) / tasks)  # this group's part of the mean loss
-            grads = torch.autograd.grad(share, params, allow_unused=True)
-            return logits.detach(), share.detach(), grads
+            own = task_threads.replica(self)
+            logits, shares, grads = [], [], [None] * len(params)
+            for i in part:  # one task's graph at a time: a smaller working set, 1.05-1.09x
+                ep = episodes[i : i + 1]
+                with torch.enable_grad(), self.autocast():
+                    task = own.task_logits(
+                        ep.support_x[0],
+                        ep.support_y[0],
+                        ep.query_x[0],
+                        self.inner_steps,
+                        ep.way,
+                        create_graph,
+                    )[None]
+                    share = self.loss(task, ep.query_y) / tasks  # its part of the mean loss
+                task_grads = torch.autograd.grad(share, params, allow_unused=True)
+                grads = [
+                    g if t is None else t if g is None else g + t for g, t in zip(grads, task_grads)
+                ]
+                logits.append(task.detach())
+                shares.append(share.detach())
+            return torch.cat(logits), torch.stack(shares).sum(), grads
 
         parts = task_threads.groups(tasks, torch.get_num_threads())
         results = task_threads.run(work, parts)

@@ -4,13 +4,15 @@ Runs inside the side environment that `make bench-env` builds (.venv-l2l: the ne
 pip has here, learn2learn 0.2.0 built from source, metarun editable):
 
     .venv-l2l/bin/python -m benchmarks.bench_l2l [--device cpu] [--quick] [--json PATH]
+    .venv-l2l/bin/python -m benchmarks.bench_l2l --scaling   # each side at 1 and all threads
 
 The configs, episodes and inner step size are bench_maml's (second-order MAML, 28x28x1
 random images, the same episodes for both sides):
   (a) 5-way 1-shot, 5 queries per class, meta-batch 32, 1 inner step
   (b) 20-way 1-shot, 5 queries per class, meta-batch 16, 5 inner steps
 Sides, each a full meta-training step, timed in interleaved blocks (benchmarks/timing.py):
-  metarun     MAML(conv4(variant="strided"), way, inner_steps, inner_lr=0.4, batched="auto")
+  metarun     MAML(strided_conv4(), way, inner_steps, inner_lr=0.4, batched="auto"), the
+              network conf/backbone/conv4_strided.yaml gives `metarun algo=maml`
               with configure_optimizer(partial(torch.optim.Adam, lr=1e-3)), then
               meta_train_step(episodes) (which also returns the loss and per-task accuracy)
   learn2learn l2l.algorithms.MAML(l2l.vision.models.OmniglotCNN(way), lr=0.4,
@@ -36,9 +38,9 @@ computes:
   - initial weights: learn2learn's Xavier-uniform convolutions with zero biases, batch
     norm scales uniform in [0, 1), a head with N(0, 1) weights and zero biases; metarun's
     PyTorch defaults. For the timings metarun starts from learn2learn's weights.
-  - layout and formulation: learn2learn runs NCHW, task after task, with torch's intra-op
-    threads; metarun's conv4 runs channels-last, and batched="auto" picks worker threads
-    on a multi-core CPU (see MAML.formulation), the loop on one core, vmap on CUDA.
+  - formulation: learn2learn runs task after task with torch's intra-op threads; metarun's
+    batched="auto" picks worker threads on a multi-core CPU (see MAML.formulation), the
+    loop on one core, vmap on CUDA. Both run NCHW (conv4_strided.yaml's layout).
   - ReLU: metarun's works in place, learn2learn's does not.
 """
 
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import io
 import json
@@ -62,9 +65,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.bench_maml import CONFIGS, INNER_LR, episodes
+from benchmarks.bench_maml import CONFIGS, INNER_LR, episodes, strided_conv4
 from benchmarks.timing import interleaved
-from metarun.algorithms import MAML, conv4
+from metarun.algorithms import MAML
 from metarun.data import Episodes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -185,7 +188,7 @@ def make_sides(way: int, steps: int, device: torch.device):
     l2l = import_learn2learn()
     torch.manual_seed(0)
     model = l2l.vision.models.OmniglotCNN(way)
-    learner = MAML(conv4(variant="strided"), way, steps, inner_lr=INNER_LR, batched="auto")
+    learner = MAML(strided_conv4(), way, steps, inner_lr=INNER_LR, batched="auto")
     check_same_network(model, learner)
     copy_weights(model, learner)
     maml = l2l.algorithms.MAML(model, lr=INNER_LR, first_order=False).to(device)
@@ -265,6 +268,56 @@ def measure(name: str, device: torch.device, quick: bool) -> dict:
         "block_s": block_s,
         "samples_ms": {"metarun": ms_ours, "learn2learn": ms_theirs},
     }
+
+
+def scaling(name: str, rounds: int = 4) -> dict:
+    """How each side uses the CPU's cores (--scaling): meta-iterations/s of learn2learn and
+    of metarun's loop with one torch thread, then with all of them, plus metarun's `auto`
+    (worker threads) with all; the sides take turns, one step each, `rounds` times, medians
+    reported. With one thread both run the same kernels task after task, so their ratio is
+    the learner code's own; the rest is how well each turns more threads into speed."""
+    way, shot, query, batch, steps, _ = CONFIGS[name]
+    device = torch.device("cpu")
+    ep = episodes(way, shot, query, batch, device)
+    maml, optimizer, learner = make_sides(way, steps, device)
+    loop = copy.deepcopy(learner)
+    loop.batched = "loop"
+    loop.configure_optimizer(functools.partial(torch.optim.Adam, lr=META_LR))
+    threads = torch.get_num_threads()
+    out = {"benchmark": f"maml_scaling_{name}", "threads": threads, "unit": "meta-iterations/s"}
+    try:
+        for n in (1, threads):
+            torch.set_num_threads(n)
+            sides = {
+                f"learn2learn@{n}": lambda: l2l_step(maml, optimizer, ep, steps),
+                f"metarun_loop@{n}": lambda: loop.meta_train_step(ep),
+            }
+            if n > 1:
+                sides[f"metarun_auto@{n}"] = lambda: learner.meta_train_step(ep)
+            for step in sides.values():  # warm-up
+                step()
+            ms = {k: [] for k in sides}
+            for _ in range(rounds):
+                for k, step in sides.items():
+                    start = time.perf_counter()
+                    step()
+                    ms[k].append(1000 * (time.perf_counter() - start))
+            out |= {k: 1000 / statistics.median(v) for k, v in ms.items()}
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def print_scaling(r: dict) -> None:
+    n = r["threads"]
+    l1, o1 = r["learn2learn@1"], r["metarun_loop@1"]
+    ln, on, an = r[f"learn2learn@{n}"], r[f"metarun_loop@{n}"], r[f"metarun_auto@{n}"]
+    print(
+        f"  {r['benchmark']}: 1 thread: learn2learn {l1:.3f}, metarun loop {o1:.3f} it/s "
+        f"({o1 / l1:.2f}x); {n} threads: learn2learn {ln:.3f} ({ln / l1:.2f}x its 1-thread "
+        f"speed), metarun loop {on:.3f} ({on / o1:.2f}x), metarun auto {an:.3f} "
+        f"({an / o1:.2f}x the 1-thread loop; {an / ln:.2f}x learn2learn)"
+    )
 
 
 def machine(device: torch.device) -> dict:
@@ -395,6 +448,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--quick", action="store_true", help="short timings, for a smoke test")
     parser.add_argument("--json", type=Path, help="also write the records to this file")
+    parser.add_argument(
+        "--scaling",
+        action="store_true",
+        help="instead: each side at 1 torch thread and at all of them (CPU)",
+    )
     args = parser.parse_args()
     try:
         import_learn2learn()
@@ -403,7 +461,13 @@ def main() -> None:
             f"bench_l2l: learn2learn does not import here ({e}); run it in the side "
             f"environment: make bench-env, then .venv-l2l/bin/python -m benchmarks.bench_l2l"
         )
-    records = run(args.device, args.quick)
+    if args.scaling:
+        records = [scaling(name, 2 if args.quick else 4) for name in CONFIGS]
+        for r in records:
+            r["machine"] = machine(torch.device("cpu"))
+            print_scaling(r)
+    else:
+        records = run(args.device, args.quick)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=2) + "\n")

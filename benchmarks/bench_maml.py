@@ -38,9 +38,11 @@ import os
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -55,6 +57,14 @@ INNER_LR = 0.4
 REPEATS = 5  # timed calls per side, interleaved; medians reported
 MEMORY_STEPS = (1, 5, 10, 20)
 MEMORY_SHAPE = (5, 1, 5, 8)  # way, shot, query, meta-batch
+
+
+def strided_conv4() -> nn.Sequential:
+    """The strided conv4 as `metarun algo=maml` (and reptile, imaml) builds it for 28x28x1
+    images: conf/backbone/conv4_strided.yaml's layers and memory layout, so the benchmarks
+    time the network users get."""
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/backbone/conv4_strided.yaml")
+    return conv4(variant=cfg.variant, hidden=cfg.hidden, channels_last=cfg.channels_last)
 
 
 def episodes(way, shot, query, batch, device, seed=0) -> Episodes:
@@ -120,7 +130,7 @@ def baseline_step(model: Model, optimizer, ep: Episodes, steps: int) -> None:
 def sides(way, steps, device):
     """name -> (module, step function) for every side, all from the same initial weights."""
     torch.manual_seed(0)
-    reference = MAML(conv4(variant="strided"), way, inner_steps=steps, inner_lr=INNER_LR)
+    reference = MAML(strided_conv4(), way, inner_steps=steps, inner_lr=INNER_LR)
     out = {}
     for batched in ("auto", "loop", "vmap", "threads"):
         learner = copy.deepcopy(reference)
@@ -221,9 +231,9 @@ def memory_probe(algo: str, steps: int, device: torch.device) -> float:
     way, shot, query, batch = MEMORY_SHAPE
     torch.manual_seed(0)
     if algo == "maml":
-        learner = MAML(conv4(variant="strided"), way, inner_steps=steps, batched="loop")
+        learner = MAML(strided_conv4(), way, inner_steps=steps, batched="loop")
     else:
-        learner = IMAML(conv4(variant="strided"), way, inner_steps=steps, cg_steps=5)
+        learner = IMAML(strided_conv4(), way, inner_steps=steps, cg_steps=5)
     learner.to(device).configure_optimizer(functools.partial(torch.optim.Adam, lr=1e-3))
     ep = episodes(way, shot, query, batch, device)
     if device.type == "cuda":

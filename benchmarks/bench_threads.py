@@ -26,8 +26,9 @@ import statistics
 
 import torch
 
+from benchmarks.bench_maml import strided_conv4
 from benchmarks.timing import interleaved
-from metarun.algorithms import IMAML, Reptile, conv4
+from metarun.algorithms import IMAML, Reptile
 from metarun.data import Episodes
 
 REPEATS, BLOCK_S = 7, 1.0
@@ -91,13 +92,13 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
 
     def reptile(batched: str) -> Reptile:
         return Reptile(
-            conv4(variant="strided"), 5, inner_steps=5, inner_lr=0.1, inner_optimizer="sgd",
+            strided_conv4(), 5, inner_steps=5, inner_lr=0.1, inner_optimizer="sgd",
             inner_batch=10, test_inner_steps=10, batched=batched,
         )  # fmt: skip
 
     def imaml(batched: str) -> IMAML:
         return IMAML(
-            conv4(variant="strided"), 5, lam=0.25, inner_steps=8, inner_lr=0.1,
+            strided_conv4(), 5, lam=0.25, inner_steps=8, inner_lr=0.1,
             test_inner_steps=16, cg_steps=3, batched=batched,
         )  # fmt: skip
 

@@ -24,7 +24,11 @@ OPTIMIZATION = ("maml", "fomaml", "metasgd", "anil", "reptile", "imaml")
 LEARNERS = METRIC + OPTIMIZATION
 # the paper's networks where they fit 28x28 images: relation's default is its embedding
 # module, the optimization-based learners' is MAML's strided network
-DEFAULT_BACKBONES = {"relation": "conv4_relation"} | {a: "conv4_strided" for a in OPTIMIZATION}
+DEFAULT_BACKBONES = (
+    {"relation": "conv4_relation"}
+    | {a: "conv4_strided" for a in OPTIMIZATION}
+    | {"anil": "conv4_strided_nhwc"}  # its backbone sees whole batches: NHWC is faster
+)
 
 
 @pytest.mark.slow
