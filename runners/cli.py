@@ -303,6 +303,7 @@ def to_log_files(level: int, message: str) -> None:
 def main() -> None:
     if distributed.launched():
         torchrun_arguments()
+    sys.argv[1:] = checkpoint_data_overrides(sys.argv[1:])
     try:
         with stop_signals():
             app()
@@ -310,6 +311,16 @@ def main() -> None:
         signum = getattr(stop, "signum", signal.SIGINT)
         print(f"metarun: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
         sys.exit(128 + signum)
+
+
+def checkpoint_data_overrides(args: list[str]) -> list[str]:
+    """mode=test takes its data set from the checkpoint, while Hydra composes the default
+    one (synthetic, without a root): `data.root=DIR` / `data.download=...` would be refused
+    as keys that data set lacks, so they become `++data.root=DIR` (set whether or not the
+    composed data set has the key), to be applied to the checkpoint's data config."""
+    if "mode=test" not in args:
+        return args
+    return [f"++{a}" if a.startswith(("data.root=", "data.download=")) else a for a in args]
 
 
 def torchrun_arguments() -> None:

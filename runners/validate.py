@@ -397,6 +397,8 @@ def validate(cfg: DictConfig) -> None:
         return
     errors += check_classes(plain)
     for group in ("algo", "backbone", "data", "optimizer"):
+        if group == "data" and mode == "test":
+            continue  # the checkpoint's data set, checked with data.root= etc. applied to it
         errors += check_group(group, plain.get(group) or {})
     errors += check_logger(plain.get("logger") or {})
     report(errors)

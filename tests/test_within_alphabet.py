@@ -361,11 +361,16 @@ def test_within_alphabet_on_fake_omniglot_end_to_end(fake_root, tmp_path):
     assert (results["protocol"], results["way"], results["query"]) == ("within_alphabet", 4, 1)
     assert results["test_episodes"]["set"]["protocol"] == "within_alphabet"
     assert "alphabets" not in results and results["best_val_acc"] is not None
+    # the archives moved: mode=test is told where with data.root=, as a user would
+    moved = fake_root.rename(tmp_path / "moved")
+    om._load(moved, om.SMALL_ARCHIVES, download=False, image_size=28)
     test = tmp_path / "test"
     run_cli(
         *common,
         "mode=test",
         f"ckpt={train / 'checkpoints' / 'best.pt'}",
+        f"data.root={moved}",
+        "data.download=false",
         "eval.way=6",
         "eval.alphabets=[Early_Aramaic]",  # Tagalog has 4 characters, too few for 6-way
         "eval.episodes=5",
@@ -377,7 +382,13 @@ def test_within_alphabet_on_fake_omniglot_end_to_end(fake_root, tmp_path):
     assert results["test_episodes"]["set"]["alphabets"] == ["Early_Aramaic"]
     assert results["episodes"] == 5 and 0.0 <= results["test_acc"] <= 1.0
     refused = run_cli(
-        *common, "mode=test", f"ckpt={train}", "eval.way=6", cwd=tmp_path, check=False
+        *common,
+        "mode=test",
+        f"ckpt={train}",
+        f"data.root={moved}",
+        "eval.way=6",
+        cwd=tmp_path,
+        check=False,
     )
     assert refused.returncode != 0
     assert (
