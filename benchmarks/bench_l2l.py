@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.bench_maml import CONFIGS, INNER_LR, episodes, strided_conv4
-from benchmarks.timing import interleaved
+from benchmarks.timing import interleaved, ms_per_call
 from metarun.algorithms import MAML
 from metarun.data import Episodes
 
@@ -295,13 +295,11 @@ def scaling(name: str, rounds: int = 4) -> dict:
             if n > 1:
                 sides[f"metarun_auto@{n}"] = lambda: learner.meta_train_step(ep)
             for step in sides.values():  # warm-up
-                step()
+                ms_per_call(step, 1, device)
             ms = {k: [] for k in sides}
             for _ in range(rounds):
                 for k, step in sides.items():
-                    start = time.perf_counter()
-                    step()
-                    ms[k].append(1000 * (time.perf_counter() - start))
+                    ms[k].append(ms_per_call(step, 1, device))
             out |= {k: 1000 / statistics.median(v) for k, v in ms.items()}
     finally:
         torch.set_num_threads(threads)

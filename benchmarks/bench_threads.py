@@ -26,23 +26,11 @@ import statistics
 
 import torch
 
-from benchmarks.bench_maml import strided_conv4
+from benchmarks.bench_maml import episodes, strided_conv4
 from benchmarks.timing import interleaved
 from metarun.algorithms import IMAML, Reptile
-from metarun.data import Episodes
 
 REPEATS, BLOCK_S = 7, 1.0
-
-
-def episodes(tasks: int, way: int, shot: int, query: int) -> Episodes:
-    g = torch.Generator().manual_seed(0)
-    return Episodes(
-        torch.rand(tasks, way * shot, 1, 28, 28, generator=g),
-        torch.arange(way).repeat_interleave(shot).repeat(tasks, 1),
-        torch.rand(tasks, way * query, 1, 28, 28, generator=g),
-        torch.arange(way).repeat_interleave(query).repeat(tasks, 1),
-        torch.arange(way).repeat(tasks, 1),
-    )
 
 
 def pair(make) -> tuple:
@@ -103,10 +91,10 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         )  # fmt: skip
 
     cases = (
-        ("reptile_step", "5w10s, meta-batch 5, 5 SGD steps of 10", reptile, episodes(5, 5, 10, 1), "step"),
-        ("reptile_predict", "5w1s 15q, 8 tasks, 10 steps", reptile, episodes(8, 5, 1, 15), "predict"),
-        ("imaml_step", "5w1s 5q, meta-batch 4, 8 steps, 3 CG", imaml, episodes(4, 5, 1, 5), "step"),
-        ("imaml_predict", "5w1s 15q, 8 tasks, 16 steps", imaml, episodes(8, 5, 1, 15), "predict"),
+        ("reptile_step", "5w10s, meta-batch 5, 5 SGD steps of 10", reptile, episodes(5, 10, 1, 5, "cpu"), "step"),
+        ("reptile_predict", "5w1s 15q, 8 tasks, 10 steps", reptile, episodes(5, 1, 15, 8, "cpu"), "predict"),
+        ("imaml_step", "5w1s 5q, meta-batch 4, 8 steps, 3 CG", imaml, episodes(5, 1, 5, 4, "cpu"), "step"),
+        ("imaml_predict", "5w1s 15q, 8 tasks, 16 steps", imaml, episodes(5, 1, 15, 8, "cpu"), "predict"),
     )  # fmt: skip
     records = []
     for name, config, make, ep, kind in cases:

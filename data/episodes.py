@@ -468,12 +468,13 @@ def episode_sampler(store, way, shot, query, device="cpu", seed=0, split="", aug
 
 
 def check_protocol(protocol: str, alphabets: Sequence[str] | None) -> None:
+    """A known eval.protocol, and eval.alphabets only with within_alphabet."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"eval.protocol={protocol!r}; choose {', '.join(PROTOCOLS)}")
     if alphabets is not None and protocol != "within_alphabet":
         raise ConfigError(
-            "eval.alphabets chooses the alphabets of within-alphabet episodes; set "
-            "eval.protocol=within_alphabet, or eval.alphabets=null"
+            f"eval.alphabets chooses the alphabets of within-alphabet episodes, but "
+            f"eval.protocol={protocol}; set eval.protocol=within_alphabet, or eval.alphabets=null"
         )
 
 

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metarun.algorithms.base import NAN_POLICIES
 from metarun.algorithms.continual import SCENARIOS
-from metarun.data.episodes import PROTOCOLS
+from metarun.data.episodes import PROTOCOLS, check_protocol
 from metarun.data.params import Range, finite_number
 from metarun.data.sequences import GROUPINGS, TRANSFORMS
 from metarun.errors import ConfigError
@@ -448,11 +448,7 @@ def check_protocol_fits_data(cfg: DictConfig) -> None:
     eval.alphabets means nothing without it. mode=test calls this on the checkpoint's
     config with the command line's eval.* settings: the data set is the checkpoint's."""
     protocol = cfg.eval.get("protocol", "random")
-    if cfg.eval.get("alphabets") is not None and protocol != "within_alphabet":
-        raise ConfigError(
-            f"eval.alphabets chooses the alphabets of within-alphabet episodes, but "
-            f"eval.protocol={protocol}; set eval.protocol=within_alphabet, or eval.alphabets=null"
-        )
+    check_protocol(protocol, cfg.eval.get("alphabets"))
     if protocol not in describes(cfg.data, "eval_protocols", ("random",)):
         raise ConfigError(
             f"eval.protocol={protocol} needs to know who drew each image and each class's "
