@@ -10,8 +10,9 @@ writes one at its end (runners/sweep.py).
 
 Runs whose overrides differ only in `seed=` form a group. Two groups whose test episodes
 are the same set (checked from each run's recorded definition: data set, split, evaluation
-protocol and alphabets, way, shot, query, eval.seed and number of episodes) are compared
-episode by episode: the paired difference. Nothing here needs a display or a network
+protocol and alphabets, way, shot, query, eval.seed and number of episodes) and were scored
+alike (eval.assignment: a transductive score is never paired with an inductive one) are
+compared episode by episode: the paired difference. Nothing here needs a display or a network
 (matplotlib's Agg backend).
 
 Continual runs (`"mode": "continual"` in results.json, runners/continual.py) have no test
@@ -165,10 +166,11 @@ def read_scores(folder: Path, results: dict) -> tuple[np.ndarray | None, dict | 
 
 def episode_definition(recorded) -> dict | None:
     """A run's recorded test-episode set; one written before metarun recorded the
-    evaluation protocol was drawn by the only protocol there was, "random"."""
-    if not isinstance(recorded, dict) or "protocol" in recorded:
+    evaluation protocol was drawn by the only protocol there was, "random", and one written
+    before it recorded eval.assignment was scored query by query, "independent"."""
+    if not isinstance(recorded, dict):
         return recorded
-    return {**recorded, "protocol": "random"}
+    return {"protocol": "random", "assignment": "independent", **recorded}
 
 
 def read_metrics(folder: Path) -> list[dict]:
@@ -642,7 +644,8 @@ def optuna_figures(study, out: Path) -> list[tuple[str, Path]]:
 PAIRED_METHOD = (
     "Paired comparison: every run of metarun is scored on the same fixed test episodes when "
     "its data set, split, evaluation protocol (eval.protocol, eval.alphabets), way, shot, "
-    "query, eval.seed and number of episodes match (checked from each run's results.json). "
+    "query, eval.seed and number of episodes match (checked from each run's results.json); "
+    "two groups are paired only when their queries were also labelled alike (eval.assignment). "
     "For two groups scored on the same set, d_i is the "
     "difference of their scores on episode i (a group's score on an episode is the mean over "
     "its seeds); the table gives mean(d) and the paired t 95% interval mean(d) ± "

@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.runners.build import choice
-from metarun.runners.evaluate import eval_protocol, evaluate
+from metarun.runners.evaluate import eval_assignment, eval_protocol, evaluate
 from metarun.runners.files import write_text_atomic
 
 log = logging.getLogger("metarun")
@@ -41,12 +41,14 @@ def episode_set(cfg: DictConfig, n: int) -> dict:
 
 
 def protocol_record(cfg: DictConfig) -> dict:
-    """How the test episodes were drawn: {"protocol": ...}, with "alphabets" (sorted: their
-    order does not change the episodes) when eval.alphabets restricts them."""
+    """How the test episodes were drawn and scored: {"protocol": ..., "assignment": ...},
+    with "alphabets" (sorted: their order does not change the episodes) when eval.alphabets
+    restricts them."""
     protocol, alphabets = eval_protocol(cfg)
-    if alphabets is None:
-        return {"protocol": protocol}
-    return {"protocol": protocol, "alphabets": sorted(set(alphabets))}
+    record = {"protocol": protocol, "assignment": eval_assignment(cfg)}
+    if alphabets is not None:
+        record["alphabets"] = sorted(set(alphabets))
+    return record
 
 
 def write_episode_scores(run_dir: Path, cfg: DictConfig, result: dict) -> dict:
@@ -111,7 +113,12 @@ def write_results(run_dir: Path, results: dict) -> None:
         results["episodes"],
         results["way"],
         results["shot"],
-        ", within one alphabet" if results.get("protocol") == "within_alphabet" else "",
+        (", within one alphabet" if results.get("protocol") == "within_alphabet" else "")
+        + (
+            ", queries assigned together (eval.assignment=balanced)"
+            if results.get("assignment") == "balanced"
+            else ""
+        ),
         path,
     )
 
@@ -136,7 +143,7 @@ def score(
     `extra` and the learner's own test report), and give the dashboard its summary.
     best_val: training's best validation score as higher_is_better gives it (accuracy, or
     minus the MSE), recorded as best_val_acc or best_val_mse."""
-    result = evaluate(learner, episodes, cfg.eval.batch)
+    result = evaluate(learner, episodes, cfg.eval.batch, eval_assignment(cfg))
     metric = result["metric"]
     if best_val is not None:
         extra = {**extra, f"best_val_{metric}": best_val if metric == "acc" else -best_val}

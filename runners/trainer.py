@@ -29,7 +29,7 @@ from metarun.runners.build import (
     instantiate_clean,
     train_sampler,
 )
-from metarun.runners.evaluate import eval_protocol, evaluate, higher_is_better
+from metarun.runners.evaluate import eval_assignment, eval_protocol, evaluate, higher_is_better
 from metarun.runners.files import FileSystemError, remove_stale_temps
 from metarun.runners.logging import NullLogger, Progress, RunLogger
 from metarun.runners.results import score
@@ -399,7 +399,7 @@ class Trainer:
         last = step == tc.steps
         val_row, save_best, score = {}, False, None
         if self.main and (step % tc.val_every == 0 or last):
-            val = evaluate(self.learner, self.val, self.cfg.eval.batch)
+            val = evaluate(self.learner, self.val, self.cfg.eval.batch, eval_assignment(self.cfg))
             val_row = {f"val_{val['metric']}": val[val["metric"]], "val_ci95": val["ci95"]}
             score = higher_is_better(val)  # accuracy, or minus the MSE
             if math.isfinite(score) and score > self.best_val:
@@ -574,7 +574,11 @@ def check_compatible(cfg: DictConfig, stored: DictConfig, path: str, step: int) 
 MISSING = object()
 # settings added after checkpoints were first written, with the value that gives what a
 # run without them computed
-ADDED_SETTINGS = {"eval.protocol": "random", "eval.alphabets": None}
+ADDED_SETTINGS = {
+    "eval.protocol": "random",
+    "eval.alphabets": None,
+    "eval.assignment": "independent",
+}
 # listed first in a refusal (the episode shape), as users mostly change these
 RESUME_ORDER = ("way", "shot", "query")
 

@@ -28,6 +28,7 @@ from metarun.data.sequences import GROUPINGS, TRANSFORMS
 from metarun.errors import ConfigError
 from metarun.runners.build import choice as chosen
 from metarun.runners.build import data_sets_with, describes, learner_class, learners_that
+from metarun.runners.evaluate import ASSIGNMENTS
 
 MODES = ("train", "test", "predict", "continual")
 SEED_MAX = 2**63 - 1
@@ -164,6 +165,7 @@ KNOBS: dict[str, Check] = {
     "eval.batch": integer(1, optional=True),
     "eval.protocol": choice(*PROTOCOLS),
     "eval.alphabets": names,
+    "eval.assignment": choice(*ASSIGNMENTS),
     "continual.scenario": choice(*SCENARIOS),
     "continual.tasks": integer(1),
     "continual.split": choice("train", "val", "test"),
@@ -479,6 +481,11 @@ def check_learner_fits_data(cfg: DictConfig) -> None:
     """Regression data needs a learner with an output head."""
     check_inputs(cfg)
     if describes(cfg.data, "task", "classification") == "regression":
+        if cfg.eval.get("assignment", "independent") != "independent":
+            raise ConfigError(
+                f"eval.assignment={cfg.eval.assignment} assigns classes to queries; "
+                f"data={chosen(cfg, 'data')} is regression: use eval.assignment=independent"
+            )
         learner = learner_class(cfg)
         if learner is not None and not getattr(learner, "supports_regression", False):
             raise ConfigError(
