@@ -81,17 +81,22 @@ def sample_indices(
     k: int,
     generator: torch.Generator,
     s_max: int | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw n tasks of `way` classes with k distinct samples each.
 
     counts: [n_base] images per base class, on the generator's device.
     s_max: counts.max(), passed in to avoid a host sync per draw on CUDA.
+    allowed: [n, n_base * rotations] bool, the classes each task may take (each row with
+    `way` or more); None: all of them.
     Returns global class ids [n, way] and sample ids [n, way, k] on that device.
     """
     dev, n_base = counts.device, len(counts)
     # classes: the `way` largest of iid uniform keys = a uniform draw without replacement
     # (topk, not a full argsort: ~5x cheaper for Omniglot's ~1000 classes)
     keys = torch.rand(n, n_base * rotations, generator=generator, device=dev)
+    if allowed is not None:
+        keys = keys.masked_fill(~allowed, -1.0)  # below every uniform key: never drawn
     classes = keys.topk(way, dim=1).indices
     class_counts = counts[classes % n_base]  # [n, way]
     s_max = int(counts.max()) if s_max is None else s_max
@@ -205,15 +210,25 @@ class EpisodeSampler(SeededSampler):
         seed: int = 0,
         split: str = "",
         augment: str | None = None,
+        classes: str = "random",
     ):
         check_episode_shape(store, way, shot, query, split)
+        if classes not in TRAIN_CLASSES:
+            raise ConfigError(f"trainer.episodes={classes!r}; choose {', '.join(TRAIN_CLASSES)}")
         self.store = store if store.device == torch.device(device) else store.to(device)
         self.way, self.shot, self.query = way, shot, query
         self.generator = torch.Generator(device=self.store.device).manual_seed(seed)
         self._s_max = int(store.counts.max())
         self.augment = train_augmentation(augment, self.generator)
+        self.members = self.weights = None
+        if classes == "within_alphabet":
+            self.members, self.weights = alphabet_members(self.store, way, split)
 
     def sample(self, batch_size: int) -> Episodes:
+        allowed = None
+        if self.members is not None:  # each task: an alphabet, by its number of classes
+            pick = torch.multinomial(self.weights, batch_size, True, generator=self.generator)
+            allowed = self.members[pick]
         classes, samples = sample_indices(
             self.store.counts,
             self.store.rotations,
@@ -222,8 +237,44 @@ class EpisodeSampler(SeededSampler):
             self.shot + self.query,
             self.generator,
             self._s_max,
+            allowed,
         )
         return gather(self.store, classes, samples, self.shot, self.augment)
+
+
+# How training episodes choose their classes (trainer.episodes):
+# - "random": from the whole train split (every rotation of a character its own class)
+# - "within_alphabet": all of an episode's classes from one alphabet, as Lake's test
+#   episodes (eval.protocol=within_alphabet) take them; each rotation of a character still
+#   its own class; an alphabet is drawn with probability proportional to its number of
+#   classes, so every class is as likely to appear as with "random"
+TRAIN_CLASSES = ("random", "within_alphabet")
+
+
+def alphabet_members(
+    store: ClassStore, way: int, split: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For trainer.episodes=within_alphabet: ([alphabets, n_base * rotations] bool, which
+    classes each alphabet holds, rotations included; [alphabets] float, each one's share
+    of the draws), over the alphabets with `way` classes or more."""
+    n_classes = store.n_base * store.rotations
+    groups = alphabet_groups(store, None)
+    sizes = {a: len(ids) * store.rotations for a, ids in groups.items()}
+    usable = [a for a in groups if sizes[a] >= way]
+    if not usable:
+        where = f" of the {split!r} split" if split else ""
+        largest = max(sizes, key=sizes.get)
+        raise ConfigError(
+            f"trainer.episodes=within_alphabet draws {way} classes from one alphabet, but the "
+            f"largest alphabet{where}, {largest}, has {sizes[largest]} (rotations counted); "
+            f"set way<={sizes[largest]}, or trainer.episodes=random"
+        )
+    members = torch.zeros(len(usable), n_classes, dtype=torch.bool)
+    for row, a in enumerate(usable):
+        ids = groups[a][None, :] + store.n_base * torch.arange(store.rotations)[:, None]
+        members[row, ids.flatten()] = True
+    weights = torch.tensor([float(sizes[a]) for a in usable])
+    return members.to(store.device), (weights / weights.sum()).to(store.device)
 
 
 class ImageBatchSampler(SeededSampler):
@@ -459,12 +510,19 @@ class FixedEpisodes:
             yield gather(self.store, self.classes[start:end], self.samples[start:end], self.shot)
 
 
-def episode_sampler(store, way, shot, query, device="cpu", seed=0, split="", augment=None):
+def episode_sampler(
+    store, way, shot, query, device="cpu", seed=0, split="", augment=None, classes="random"
+):
     """The random-episode sampler for any store: a class store of images, or a task
-    distribution (e.g. sinusoid) that brings its own sampler."""
+    distribution (e.g. sinusoid) that brings its own sampler. classes: TRAIN_CLASSES."""
     if hasattr(store, "episode_sampler"):
+        if classes != "random":
+            raise ConfigError(
+                f"trainer.episodes={classes} needs a data set of classes grouped in alphabets; "
+                "use trainer.episodes=random"
+            )
         return store.episode_sampler(way, shot, query, device, seed, split, augment)
-    return EpisodeSampler(store, way, shot, query, device, seed, split, augment)
+    return EpisodeSampler(store, way, shot, query, device, seed, split, augment, classes)
 
 
 def check_protocol(protocol: str, alphabets: Sequence[str] | None) -> None:

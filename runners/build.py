@@ -189,6 +189,7 @@ def train_sampler(cfg: DictConfig, store, device):
             seed=cfg.seed,
             split="train",
             augment=augment,
+            classes=cfg.trainer.get("episodes", "random"),
         )
     return ImageBatchSampler(store, device, seed=cfg.seed, augment=augment)
 

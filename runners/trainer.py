@@ -578,6 +578,7 @@ ADDED_SETTINGS = {
     "eval.protocol": "random",
     "eval.alphabets": None,
     "eval.assignment": "independent",
+    "trainer.episodes": "random",
 }
 # listed first in a refusal (the episode shape), as users mostly change these
 RESUME_ORDER = ("way", "shot", "query")

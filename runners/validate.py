@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from metarun.algorithms.base import NAN_POLICIES
 from metarun.algorithms.continual import SCENARIOS
-from metarun.data.episodes import PROTOCOLS, check_protocol
+from metarun.data.episodes import PROTOCOLS, TRAIN_CLASSES, check_protocol
 from metarun.data.params import Range, finite_number
 from metarun.data.sequences import GROUPINGS, TRANSFORMS
 from metarun.errors import ConfigError
@@ -153,6 +153,7 @@ KNOBS: dict[str, Check] = {
     # null, or augmentations joined by '+': checked against the known ones when the
     # sampler is built (data/episodes.py)
     "trainer.augment": text(optional=True),
+    "trainer.episodes": choice(*TRAIN_CLASSES),
     "choices": anything,  # recorded by the CLI: which option of each group the run uses
     "trainer.nan_policy": choice(*NAN_POLICIES),
     "trainer.amp": choice("off", "bf16", "fp16"),
@@ -443,6 +444,26 @@ def check_combinations(cfg: DictConfig, plain: dict) -> None:
     check_learner_fits_data(cfg)
     if plain["mode"] == "train":  # mode=test: the checkpoint's data set (runners/cli.py)
         check_protocol_fits_data(cfg)
+        check_training_episodes(cfg)
+
+
+def check_training_episodes(cfg: DictConfig) -> None:
+    """trainer.episodes=within_alphabet needs episodes to train on and a data set whose
+    classes are grouped in alphabets (those that offer eval.protocol=within_alphabet)."""
+    if cfg.trainer.get("episodes", "random") != "within_alphabet":
+        return
+    learner = learner_class(cfg)
+    if getattr(learner, "trains_on", "episodes") != "episodes":
+        raise ConfigError(
+            f"trainer.episodes=within_alphabet chooses the classes of training episodes, but "
+            f"algo={chosen(cfg, 'algo')} trains on batches of images; use trainer.episodes=random"
+        )
+    if "within_alphabet" not in describes(cfg.data, "eval_protocols", ("random",)):
+        raise ConfigError(
+            f"trainer.episodes=within_alphabet needs classes grouped in alphabets, which "
+            f"data={chosen(cfg, 'data')} does not have; use "
+            f"data={' or data='.join(data_sets_with('within_alphabet'))}, or trainer.episodes=random"
+        )
 
 
 def check_protocol_fits_data(cfg: DictConfig) -> None:

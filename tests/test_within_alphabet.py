@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 import metarun.data.omniglot as om
 from metarun.data import ClassStore, ConfigError, FixedEpisodes
-from metarun.data.episodes import fixed_episodes
+from metarun.data.episodes import EpisodeSampler, fixed_episodes
 from metarun.data.omniglot import omniglot_small
 from metarun.data.sinusoid import sinusoid
 from metarun.data.synthetic import synthetic
@@ -27,7 +27,7 @@ from metarun.errors import CheckpointError
 from metarun.runners.report import collect, comparisons, groups_of
 from metarun.runners.results import episode_set, results_record
 from metarun.runners.trainer import check_compatible
-from metarun.runners.validate import check_protocol_fits_data, validate
+from metarun.runners.validate import check_protocol_fits_data, check_training_episodes, validate
 
 OFFICIAL = om.CONTENTS  # before a test replaces it with the fakes' contents
 SMALL1, SMALL2 = om.SMALL_ARCHIVES
@@ -305,6 +305,73 @@ def test_a_checkpoint_from_before_the_protocol_resumes_and_another_protocol_does
         check_compatible(other, OmegaConf.create(before), "last.pt", 0)
 
 
+# ---------------------------------------------------------------- training episodes
+
+
+def test_within_alphabet_training_episodes_take_one_alphabets_classes_rotations_included():
+    store = tagged_store()  # Aaa 6, Bbb 4, Ccc 5 characters, 4 rotations
+    sampler = EpisodeSampler(store, 18, 1, 1, seed=3, split="train", classes="within_alphabet")
+    seen, rotated = [], False
+    for _ in range(20):
+        ep = sampler.sample(8)
+        base = ep.classes % store.n_base
+        alphabets = [{store.alphabets[b] for b in task.tolist()} for task in base]
+        assert all(len(a) == 1 for a in alphabets)  # one alphabet per task
+        assert all(len(set(task.tolist())) == 18 for task in ep.classes)  # distinct classes
+        seen += [a.pop() for a in alphabets]
+        rotated |= bool((ep.classes >= store.n_base).any())
+        base_tags, _ = tags(ep.support_x)
+        upright = ep.classes < store.n_base  # a rotation moves the tag pixel
+        assert torch.equal(base_tags[upright], base[upright])  # the images are those classes'
+    # 18-way needs 18 classes: Bbb (16 with rotations) never, the other two both
+    assert set(seen) == {"Aaa", "Ccc"} and rotated
+
+
+def test_within_alphabet_training_is_repeatable_and_resumes_from_its_state():
+    store = tagged_store()
+    make = lambda seed: EpisodeSampler(store, 5, 1, 2, seed=seed, classes="within_alphabet")  # noqa: E731
+    a, b = make(0), make(0)
+    assert torch.equal(a.sample(4).classes, b.sample(4).classes)
+    state = a.state_dict()
+    after = a.sample(4)
+    c = make(7)
+    c.load_state_dict(state)
+    assert torch.equal(c.sample(4).classes, after.classes)
+    assert not torch.equal(make(1).sample(4).classes, make(0).sample(4).classes)
+
+
+def test_alphabets_too_small_for_way_are_named_with_the_fixes():
+    with pytest.raises(ConfigError) as err:
+        EpisodeSampler(tagged_store(), 25, 1, 1, split="train", classes="within_alphabet")
+    message = str(err.value)
+    assert "the largest alphabet of the 'train' split, Aaa, has 24" in message
+    assert "set way<=24, or trainer.episodes=random" in message
+
+
+def test_within_alphabet_training_needs_alphabets_and_episodes():
+    with pytest.raises(ConfigError, match="data=synthetic does not have; use data=omniglot"):
+        check_training_episodes(compose_with("trainer.episodes=within_alphabet"))
+    with pytest.raises(
+        ConfigError, match="trains on batches of images; use trainer.episodes=random"
+    ):
+        check_training_episodes(
+            compose_with("trainer.episodes=within_alphabet", "algo=baseline", "data=omniglot_small")
+        )
+    check_training_episodes(compose_with("trainer.episodes=within_alphabet", "data=omniglot_small"))
+    with pytest.raises(ConfigError, match="trainer.episodes"):
+        validate(compose_with("trainer.episodes=alphabet"))
+
+
+def test_a_checkpoint_from_before_training_episodes_were_chosen_resumes_as_random():
+    now = compose_with()
+    before = OmegaConf.to_container(now, resolve=True)
+    del before["trainer"]["episodes"]
+    check_compatible(now, OmegaConf.create(before), "last.pt", 0)
+    other = compose_with("trainer.episodes=within_alphabet")
+    with pytest.raises(CheckpointError, match="trainer.episodes: checkpoint 'random'"):
+        check_compatible(other, OmegaConf.create(before), "last.pt", 0)
+
+
 # ---------------------------------------------------------------- Omniglot
 
 
@@ -350,6 +417,7 @@ def test_within_alphabet_on_fake_omniglot_end_to_end(fake_root, tmp_path):
         "way=3",
         "query=2",
         "eval.way=4",
+        "trainer.episodes=within_alphabet",
         "trainer.steps=2",
         "trainer.val_every=2",
         "trainer.val_episodes=4",
