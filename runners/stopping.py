@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 
@@ -75,11 +76,15 @@ class StopSignals:
     def handle(self, signum: int, frame) -> None:
         if self.after_step and self.signum is None:
             self.signum = signum
-            log.warning(
-                "received %s: writing a checkpoint after this step, then stopping "
-                "(Ctrl-C again to stop at once)",
-                signal.Signals(signum).name,
+            # straight to the terminal, not through logging: the handler may have interrupted
+            # a write to the same stream, and a buffered stream refuses a reentrant write
+            # ("--- Logging error ---"); the stop itself is logged when it happens
+            notice = (
+                f"received {signal.Signals(signum).name}: writing a checkpoint after this "
+                "step, then stopping (Ctrl-C again to stop at once)\n"
             )
+            with contextlib.suppress(OSError):
+                os.write(2, notice.encode())
             return
         if self.committing:
             self.deferred = self.deferred or signum

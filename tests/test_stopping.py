@@ -397,3 +397,23 @@ def test_a_signal_while_starting_ends_with_its_status_and_a_message(tmp_path, si
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err
     assert f"interrupted by {signal.Signals(sig).name}" in err and "Traceback" not in err
+
+
+def test_the_first_signal_while_training_is_noticed_on_the_terminal_not_through_logging(
+    capfd, monkeypatch
+):
+    """A signal handler that logs can interrupt a write to the same stream, and the buffered
+    stream refuses the reentrant write ("--- Logging error ---"); the notice goes to fd 2."""
+    import logging
+
+    from metarun.runners.stopping import StopSignals
+
+    def no_logging(*args, **kwargs):
+        raise AssertionError("the signal handler logged")
+
+    monkeypatch.setattr(logging.Logger, "warning", no_logging)
+    stop = StopSignals()
+    with stop.training():
+        stop.handle(signal.SIGINT, None)
+    assert stop.signum == signal.SIGINT
+    assert "received SIGINT: writing a checkpoint after this step" in capfd.readouterr().err
