@@ -9,17 +9,14 @@ import json
 import pytest
 import torch
 from conftest import FAST, compose_with, run_cli
-from omegaconf import OmegaConf
 
 from metarun.algorithms.base import MetaLearner
 from metarun.data import ClassStore, ConfigError, FixedEpisodes
 from metarun.data.episodes import fixed_episodes
 from metarun.data.sinusoid import sinusoid
-from metarun.errors import CheckpointError
 from metarun.runners.evaluate import assign, balanced_labels, evaluate
 from metarun.runners.report import collect, comparisons, groups_of
 from metarun.runners.results import episode_set, results_record
-from metarun.runners.trainer import check_compatible
 from metarun.runners.validate import validate
 
 
@@ -152,16 +149,6 @@ def test_results_and_the_episode_definition_record_the_assignment():
     assert results_record(plain, result)["assignment"] == "independent"
     assert episode_set(balanced, 10)["assignment"] == "balanced"
     assert episode_set(balanced, 10) != episode_set(plain, 10)
-
-
-def test_a_checkpoint_from_before_the_assignment_resumes_as_independent():
-    now = compose_with()
-    before = OmegaConf.to_container(now, resolve=True)
-    del before["eval"]["assignment"]
-    check_compatible(now, OmegaConf.create(before), "last.pt", 0)
-    other = compose_with("eval.assignment=balanced")
-    with pytest.raises(CheckpointError, match="eval.assignment: checkpoint 'independent'"):
-        check_compatible(other, OmegaConf.create(before), "last.pt", 0)
 
 
 def test_train_and_test_runs_record_it_and_the_report_never_pairs_the_two(tmp_path):

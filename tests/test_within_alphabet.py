@@ -26,7 +26,7 @@ from metarun.data.synthetic import synthetic
 from metarun.errors import CheckpointError
 from metarun.runners.report import collect, comparisons, groups_of
 from metarun.runners.results import episode_set, results_record
-from metarun.runners.trainer import check_compatible
+from metarun.runners.trainer import ADDED_SETTINGS, check_compatible
 from metarun.runners.validate import check_protocol_fits_data, check_training_episodes, validate
 
 OFFICIAL = om.CONTENTS  # before a test replaces it with the fakes' contents
@@ -295,14 +295,26 @@ def test_runs_with_other_protocols_are_never_paired(tmp_path):
     assert len(pairs) == 1 and unpaired == []
 
 
-def test_a_checkpoint_from_before_the_protocol_resumes_and_another_protocol_does_not():
+@pytest.mark.parametrize(
+    ("key", "other"),
+    [
+        ("eval.protocol", "within_alphabet"),
+        ("eval.alphabets", "[Tagalog]"),
+        ("eval.assignment", "balanced"),
+        ("trainer.episodes", "within_alphabet"),
+    ],
+)
+def test_a_checkpoint_from_before_a_setting_existed_resumes_as_its_default(key, other):
+    """Every setting added after checkpoints were first written (ADDED_SETTINGS): a
+    checkpoint without it resumes under the default, and another value is refused."""
+    assert key in ADDED_SETTINGS
     now = compose_with()
     before = OmegaConf.to_container(now, resolve=True)
-    del before["eval"]["protocol"], before["eval"]["alphabets"]
-    check_compatible(now, OmegaConf.create(before), "last.pt", 0)  # it ran random episodes
-    other = compose_with("eval.protocol=within_alphabet")
-    with pytest.raises(CheckpointError, match="eval.protocol: checkpoint 'random' vs now"):
-        check_compatible(other, OmegaConf.create(before), "last.pt", 0)
+    group, name = key.split(".")
+    del before[group][name]
+    check_compatible(now, OmegaConf.create(before), "last.pt", 0)
+    with pytest.raises(CheckpointError, match=f"{key}: checkpoint {ADDED_SETTINGS[key]!r}"):
+        check_compatible(compose_with(f"{key}={other}"), OmegaConf.create(before), "last.pt", 0)
 
 
 # ---------------------------------------------------------------- training episodes
@@ -360,16 +372,6 @@ def test_within_alphabet_training_needs_alphabets_and_episodes():
     check_training_episodes(compose_with("trainer.episodes=within_alphabet", "data=omniglot_small"))
     with pytest.raises(ConfigError, match="trainer.episodes"):
         validate(compose_with("trainer.episodes=alphabet"))
-
-
-def test_a_checkpoint_from_before_training_episodes_were_chosen_resumes_as_random():
-    now = compose_with()
-    before = OmegaConf.to_container(now, resolve=True)
-    del before["trainer"]["episodes"]
-    check_compatible(now, OmegaConf.create(before), "last.pt", 0)
-    other = compose_with("trainer.episodes=within_alphabet")
-    with pytest.raises(CheckpointError, match="trainer.episodes: checkpoint 'random'"):
-        check_compatible(other, OmegaConf.create(before), "last.pt", 0)
 
 
 # ---------------------------------------------------------------- Omniglot
