@@ -247,7 +247,8 @@ class EpisodeSampler(SeededSampler):
 # - "within_alphabet": all of an episode's classes from one alphabet, as Lake's test
 #   episodes (eval.protocol=within_alphabet) take them; each rotation of a character still
 #   its own class; an alphabet is drawn with probability proportional to its number of
-#   classes, so every class is as likely to appear as with "random"
+#   classes, so every class of the alphabets that take part (those with `way` classes or
+#   more) is equally likely to appear
 TRAIN_CLASSES = ("random", "within_alphabet")
 
 

@@ -19,14 +19,11 @@ The process ends with status 128 + the signal's number, as shells report it.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import threading
 
 from metarun.runners import distributed
-
-log = logging.getLogger("metarun")
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

@@ -458,11 +458,18 @@ def check_training_episodes(cfg: DictConfig) -> None:
             f"trainer.episodes=within_alphabet chooses the classes of training episodes, but "
             f"algo={chosen(cfg, 'algo')} trains on batches of images; use trainer.episodes=random"
         )
-    if "within_alphabet" not in describes(cfg.data, "eval_protocols", ("random",)):
+    check_data_offers(
+        cfg, "within_alphabet", "trainer.episodes", "classes grouped in alphabets", "have"
+    )
+
+
+def check_data_offers(cfg: DictConfig, protocol: str, setting: str, needs: str, lacks: str):
+    """`setting`=`protocol` needs `needs`: a data set that declares the protocol among its
+    eval_protocols; otherwise the error names the data sets that do, and `setting`=random."""
+    if protocol not in describes(cfg.data, "eval_protocols", ("random",)):
         raise ConfigError(
-            f"trainer.episodes=within_alphabet needs classes grouped in alphabets, which "
-            f"data={chosen(cfg, 'data')} does not have; use "
-            f"data={' or data='.join(data_sets_with('within_alphabet'))}, or trainer.episodes=random"
+            f"{setting}={protocol} needs {needs}, which data={chosen(cfg, 'data')} does not "
+            f"{lacks}; use data={' or data='.join(data_sets_with(protocol))}, or {setting}=random"
         )
 
 
@@ -472,12 +479,13 @@ def check_protocol_fits_data(cfg: DictConfig) -> None:
     config with the command line's eval.* settings: the data set is the checkpoint's."""
     protocol = cfg.eval.get("protocol", "random")
     check_protocol(protocol, cfg.eval.get("alphabets"))
-    if protocol not in describes(cfg.data, "eval_protocols", ("random",)):
-        raise ConfigError(
-            f"eval.protocol={protocol} needs to know who drew each image and each class's "
-            f"alphabet, which data={chosen(cfg, 'data')} does not record; use "
-            f"data={' or data='.join(data_sets_with(protocol))}, or eval.protocol=random"
-        )
+    check_data_offers(
+        cfg,
+        protocol,
+        "eval.protocol",
+        "to know who drew each image and each class's alphabet",
+        "record",
+    )
 
 
 def check_inputs(cfg: DictConfig) -> None:
