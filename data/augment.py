@@ -1,4 +1,5 @@
-"""Train-time augmentation on batched image tensors (on the device, seeded)."""
+"""Augmentation on batched image tensors (on the device, seeded): trainer.augment at train
+time, eval.tta's views at test time."""
 
 from __future__ import annotations
 
@@ -6,6 +7,39 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+
+def affine_matrices(
+    n: int,
+    generator: torch.Generator,
+    degrees: float = 10.0,
+    translate: float = 0.1,
+    scale: tuple[float, float] = (0.9, 1.1),
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """n random small affine maps as affine_grid's matrices [n, 2, 3]: a rotation of up to
+    `degrees` either way, a scale in `scale` and a shift of up to `translate` of the image
+    side each way, drawn from `generator` (on `device`)."""
+
+    def uniform(*shape, low=-1.0, high=1.0):
+        return low + (high - low) * torch.rand(*shape, generator=generator, device=device)
+
+    angle = uniform(n) * math.radians(degrees)
+    inv_scale = 1.0 / uniform(n, low=scale[0], high=scale[1])
+    shift = uniform(n, 2) * 2 * translate  # grid coordinates span [-1, 1]
+    cos, sin = torch.cos(angle) * inv_scale, torch.sin(angle) * inv_scale
+    return torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], 1
+    )
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Images x float [N, C, H, W] under affine_grid matrices theta [N, 2, 3] (or one
+    [2, 3] for all), bilinear, zero outside the frame (the background of metarun's
+    character images)."""
+    theta = theta.to(x.dtype).expand(x.shape[0], 2, 3)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
 
 def random_affine(
@@ -21,20 +55,17 @@ def random_affine(
     One affine_grid + grid_sample over the whole batch; the draws come from
     `generator`, so a seeded sampler stays reproducible.
     """
-    n, dev = x.shape[0], x.device
+    return warp(x, affine_matrices(x.shape[0], generator, degrees, translate, scale, x.device))
 
-    def uniform(*shape, low=-1.0, high=1.0):
-        return low + (high - low) * torch.rand(*shape, generator=generator, device=dev)
 
-    angle = uniform(n) * math.radians(degrees)
-    inv_scale = 1.0 / uniform(n, low=scale[0], high=scale[1])
-    shift = uniform(n, 2) * 2 * translate  # grid coordinates span [-1, 1]
-    cos, sin = torch.cos(angle) * inv_scale, torch.sin(angle) * inv_scale
-    theta = torch.stack(
-        [torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], 1
-    )  # [N, 2, 3]
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+def tta_views(views: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """eval.tta's views [views, 2, 3]: the identity, then views - 1 random small affine maps
+    (those of trainer.augment=affine) drawn from `seed` alone, so every episode, batch size
+    and run with the same eval.seed sees the same views, and more views add to fewer."""
+    generator = torch.Generator().manual_seed(seed)
+    # one view at a time, so that more views extend the list (tta=8's views hold tta=4's)
+    drawn = [affine_matrices(1, generator) for _ in range(views - 1)]
+    return torch.cat([torch.eye(2, 3)[None], *drawn]).to(device)
 
 
 def random_shift(

@@ -69,6 +69,11 @@ def instantiate_clean(node: dict, **kwargs):
         raise
 
 
+# data settings that say where the data is, not what it is: they do not change the episodes
+# (results.episode_set) nor a checkpoint's data (checkpoint.check_members)
+WHERE_DATA_IS = ("root", "download")
+
+
 def build_store(data_cfg: DictConfig, split: str) -> ClassStore:
     """Decode (or load from the cache) one split of the configured data set: the data
     node is the loader's call (its `images` sub-node the Preprocess it decodes with)."""

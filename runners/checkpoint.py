@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 from metarun.errors import CheckpointError
-from metarun.runners.build import build_learner, preprocess_of
+from metarun.runners.build import WHERE_DATA_IS, build_learner, choice, describes, preprocess_of
 from metarun.runners.files import reason_and_fix, temp_name
 
 
@@ -236,13 +236,87 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_learner(ckpt: str | Path, device: str = "cpu", trust: bool = False):
+def paths_of(ckpt) -> list[str]:
+    """ckpt= as a list: one path, or several (an ensemble, ckpt=[RUN_A,RUN_B])."""
+    if isinstance(ckpt, (list, tuple, ListConfig)):
+        return [str(c) for c in ckpt]
+    return [str(ckpt)]
+
+
+def load_states(ckpt, trust: bool = False) -> list[dict]:
+    """Every checkpoint ckpt= names (see paths_of), read with `load`; several must make an
+    ensemble (check_members)."""
+    paths = paths_of(ckpt)
+    if not paths:
+        raise CheckpointError("ckpt=[] names no checkpoint; give one path, or several: ckpt=[A,B]")
+    states = [load(path, trust=trust) for path in paths]
+    if len(states) > 1:
+        check_members(states)
+    return states
+
+
+def check_members(states: list[dict]) -> None:
+    """The checkpoints of an ensemble: distinct files, classification learners trained on
+    the same data set with the same image settings (so one test set and one preprocessing
+    serve them all)."""
+
+    def data_of(state):
+        data = dict(state["config"].get("data") or {})
+        return {k: v for k, v in data.items() if k not in WHERE_DATA_IS}
+
+    first = states[0]
+    seen = set()
+    for state in states:
+        if state["path"] in seen:
+            raise CheckpointError(
+                f"ckpt= lists {state['path']} twice; an ensemble's members are distinct "
+                "checkpoints (e.g. one preset trained under several seeds)"
+            )
+        seen.add(state["path"])
+        if data_of(state) != data_of(first):
+            differ = sorted(
+                k
+                for k in set(data_of(state)) | set(data_of(first))
+                if data_of(state).get(k) != data_of(first).get(k)
+            )
+            raise CheckpointError(
+                f"the checkpoints of an ensemble must be trained on the same data with the same "
+                f"image settings; {state['path']} differs from {first['path']} in data."
+                f"{', data.'.join(differ)}. Test them apart, or train the members alike"
+            )
+    data = OmegaConf.create(first["config"]).data
+    if describes(data, "task", "classification") == "regression":
+        raise CheckpointError(
+            f"an ensemble averages the members' class probabilities; data="
+            f"{choice(OmegaConf.create(first['config']), 'data')} is regression: test each "
+            "checkpoint on its own"
+        )
+
+
+def ensemble_of(states: list[dict], device: str = "cpu"):
+    """An Ensemble of the checkpoints' learners, in eval mode, with the first member's
+    `config` and `preprocess` (check_members makes them the same for all)."""
+    from metarun.algorithms.ensemble import Ensemble
+
+    members = [load_learner(state, device=device) for state in states]
+    learner = Ensemble(members).to(device).eval()
+    learner.config, learner.preprocess = members[0].config, members[0].preprocess
+    return learner
+
+
+def load_learner(ckpt, device: str = "cpu", trust: bool = False):
     """A learner with the checkpoint's weights, in eval mode.
 
     It carries `config` (the run's resolved config) and `preprocess` (image
-    file -> tensor, as in training). trust=True: see `load`.
+    file -> tensor, as in training). trust=True: see `load`. Several checkpoints
+    (ckpt=[A,B,...]) give their Ensemble.
     """
-    state = ckpt if isinstance(ckpt, dict) else load(ckpt, trust=trust)
+    if not isinstance(ckpt, dict):
+        states = load_states(ckpt, trust=trust)
+        if len(states) > 1:
+            return ensemble_of(states, device)
+        ckpt = states[0]
+    state = ckpt
     cfg = OmegaConf.create(state["config"])
     # arguments the training data supplied (Baseline's num_classes); checkpoints written
     # before they were recorded apart carry them in the config

@@ -23,7 +23,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metarun.errors import ConfigError, MetarunError, StoppedError
 from metarun.runners import checkpoint, distributed, rundir
-from metarun.runners.build import NAMED_GROUPS, build_store, configure_tf32, resolve_device
+from metarun.runners.build import (
+    NAMED_GROUPS,
+    build_store,
+    choice,
+    configure_tf32,
+    resolve_device,
+)
 from metarun.runners.files import os_error, write_text_atomic
 from metarun.runners.logging import RunLogger
 from metarun.runners.results import score
@@ -114,8 +120,11 @@ _extra_logs: list[logging.Handler] = []
 
 
 def test(cfg: DictConfig, run_dir: Path) -> dict:
-    """Evaluate a checkpoint with its own config; only evaluation settings may change."""
-    state = checkpoint.load(cfg.ckpt, trust=cfg.get("trust_checkpoint", False))
+    """Evaluate a checkpoint with its own config; only evaluation settings may change.
+    Several checkpoints (ckpt=[A,B,...]) are scored as one ensemble, with the first one's
+    config."""
+    states = checkpoint.load_states(cfg.ckpt, trust=cfg.get("trust_checkpoint", False))
+    state = states[0]
     stored = OmegaConf.create(state["config"])
     for key in override_keys():
         if key in ("mode", "ckpt", "resume", "trust_checkpoint") or key.startswith(
@@ -134,7 +143,17 @@ def test(cfg: DictConfig, run_dir: Path) -> dict:
     validate(OmegaConf.merge(stored, {"mode": "test", "ckpt": cfg.ckpt}))
     check_protocol_fits_data(stored)
     device = resolve_device(stored.device)
-    learner = checkpoint.load_learner(state, device=device)
+    if len(states) == 1:
+        learner = checkpoint.load_learner(state, device=device)
+        extra = {"steps": state["step"], "ckpt": state["path"]}
+    else:
+        learner = checkpoint.ensemble_of(states, device=device)
+        members = [OmegaConf.create(s["config"]) for s in states]
+        extra = {
+            "algo": f"ensemble of {len(states)} ({', '.join(sorted({choice(m, 'algo') for m in members}))})",
+            "steps": [s["step"] for s in states],
+            "ckpt": [s["path"] for s in states],
+        }
     episodes = eval_episodes(
         stored, build_store(stored.data, "test"), stored.eval.episodes, device, "test"
     )
@@ -147,7 +166,7 @@ def test(cfg: DictConfig, run_dir: Path) -> dict:
         extra_config={
             "group": state.get("wandb_group"),
             "train_run_id": state.get("wandb_id"),
-            "ckpt": str(state["path"]),
+            "ckpt": str(state["path"]) if len(states) == 1 else extra["ckpt"],
         },
     )
     try:
@@ -157,7 +176,7 @@ def test(cfg: DictConfig, run_dir: Path) -> dict:
             stored,
             run_dir,
             logger,
-            {"steps": state["step"], "ckpt": state["path"]},
+            extra,
         )
     finally:
         logger.finish()
@@ -174,7 +193,13 @@ def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:
     print_predictions(rows, out)
     if cfg.logger.get("name") == "wandb":
         stored = OmegaConf.merge(learner.config, {"logger": cfg.logger, "mode": "predict"})
-        logger = RunLogger(run_dir, stored, job_type="predict", extra_config={"ckpt": cfg.ckpt})
+        ckpt = checkpoint.paths_of(cfg.ckpt)
+        logger = RunLogger(
+            run_dir,
+            stored,
+            job_type="predict",
+            extra_config={"ckpt": ckpt[0] if len(ckpt) == 1 else ckpt},
+        )
         try:
             columns = list(rows[0]) if rows else ["query", "predicted", "score"]
             logger.table("predictions", columns, [[r[c] for c in columns] for r in rows])

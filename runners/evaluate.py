@@ -1,5 +1,6 @@
-"""How runs are scored: fixed episodes (drawn by eval.protocol), each query labelled on its
-own or the queries of an episode assigned together (eval.assignment), mean accuracy, 95% CI."""
+"""How runs are scored: fixed episodes (drawn by eval.protocol), optionally seen under several
+test-time views (eval.tta), each query labelled on its own or the queries of an episode
+assigned together (eval.assignment), mean accuracy, 95% CI."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from metarun.algorithms.base import MetaLearner, is_regression, mean_ci95, metric_name, task_scores
+from metarun.data.augment import tta_views, warp
 from metarun.data.episodes import FixedEpisodes
 from metarun.errors import ConfigError
 
@@ -57,6 +59,29 @@ def assign(logits: torch.Tensor, way: int, query: int, assignment: str) -> torch
     return F.one_hot(balanced_labels(logits, query), way).to(logits.dtype)
 
 
+def predict_views(learner: MetaLearner, batch, views: torch.Tensor | None) -> torch.Tensor:
+    """The learner's scores of a batch of episodes: its predict, or with test-time views
+    (eval.tta) the mean over views of log softmax(predict) on the episodes with every image
+    (support and query alike) under that view's affine map."""
+    if views is None:
+        return learner.predict(batch.support_x, batch.support_y, batch.query_x, batch.way)
+    if batch.support_x.dim() != 5:
+        raise ConfigError(
+            "eval.tta transforms images; this data set's examples are not images "
+            f"(shape {tuple(batch.support_x.shape[2:])}): use eval.tta=1"
+        )
+    total = 0.0
+    for i, theta in enumerate(views):
+        support_x, query_x = batch.support_x, batch.query_x
+        if i > 0:  # the first view is the identity: the images as they are
+            support_x, query_x = (
+                warp(x.flatten(0, 1), theta).view_as(x) for x in (support_x, query_x)
+            )
+        logits = learner.predict(support_x, batch.support_y, query_x, batch.way)
+        total = total + logits.float().log_softmax(-1)
+    return total / len(views)
+
+
 def auto_batch(episodes: FixedEpisodes) -> int:
     """Episodes per pass: ~320 images on a CPU (cache-sized batches ran fastest), ~8k on a GPU."""
     images = episodes.way * (episodes.shot + episodes.query)
@@ -70,6 +95,8 @@ def evaluate(
     episodes: FixedEpisodes,
     batch_size: int | None = None,
     assignment: str = "independent",
+    tta: int = 1,
+    seed: int = 0,
 ) -> dict:
     """Score of `learner` on every fixed episode: mean and 95% CI.
 
@@ -80,14 +107,25 @@ def evaluate(
     the episode size (the result does not depend on it).
     assignment: "independent" or "balanced" (eval.assignment, see ASSIGNMENTS);
     classification only.
+    tta: views per image (eval.tta): 1 scores the images as they are; more adds tta - 1
+    small affine maps drawn from `seed` (eval.seed) and averages the class log-probabilities
+    over the views (predict_views); classification of images only.
     """
+    if tta < 1:
+        raise ConfigError(f"eval.tta={tta}; it counts views per image: 1 (off) or more")
+    views = tta_views(tta, seed, episodes.device) if tta > 1 else None
     batch_size = batch_size or auto_batch(episodes)
     was_training = learner.training
     learner.eval()
     scores = []
     for batch in episodes.batches(batch_size):
         with learner.autocast():
-            logits = learner.predict(batch.support_x, batch.support_y, batch.query_x, batch.way)
+            logits = predict_views(learner, batch, views)
+        if views is not None and is_regression(batch.query_y):
+            raise ConfigError(
+                "eval.tta averages class probabilities over views; this data set is "
+                "regression: use eval.tta=1"
+            )
         if assignment != "independent":
             if is_regression(batch.query_y):
                 raise ConfigError(
@@ -126,3 +164,16 @@ def eval_protocol(cfg: DictConfig) -> tuple[str, list[str] | None]:
 def eval_assignment(cfg: DictConfig) -> str:
     """eval.assignment, "independent" for a config written before it existed."""
     return cfg.eval.get("assignment", "independent")
+
+
+def eval_tta(cfg: DictConfig) -> int:
+    """eval.tta, 1 (no test-time views) for a config written before it existed."""
+    return int(cfg.eval.get("tta", 1))
+
+
+def evaluate_as(cfg: DictConfig, learner: MetaLearner, episodes: FixedEpisodes) -> dict:
+    """evaluate with the run's evaluation settings (eval.batch, eval.assignment, eval.tta,
+    eval.seed): how validation and test score a run."""
+    return evaluate(
+        learner, episodes, cfg.eval.batch, eval_assignment(cfg), eval_tta(cfg), cfg.eval.seed
+    )

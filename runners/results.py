@@ -10,16 +10,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from metarun.runners.build import choice
-from metarun.runners.evaluate import eval_assignment, eval_protocol, evaluate
+from metarun.runners.build import WHERE_DATA_IS, choice
+from metarun.runners.evaluate import eval_assignment, eval_protocol, eval_tta, evaluate_as
 from metarun.runners.files import write_text_atomic
 
 log = logging.getLogger("metarun")
 
 EPISODES_FILE = "test_episodes.csv"
-# data settings that say where the data is: not part of
-# what defines the test episodes
-NOT_EPISODE_DEFINING = ("root", "download")
 
 
 def episode_set(cfg: DictConfig, n: int) -> dict:
@@ -36,7 +33,7 @@ def episode_set(cfg: DictConfig, n: int) -> dict:
         "query": cfg.eval.query,
         "seed": cfg.eval.seed,
         "episodes": n,
-        "data_settings": {k: v for k, v in data.items() if k not in NOT_EPISODE_DEFINING},
+        "data_settings": {k: v for k, v in data.items() if k not in WHERE_DATA_IS},
     }
 
 
@@ -70,6 +67,9 @@ def results_record(cfg: DictConfig, result: dict, **extra) -> dict:
         "shot": cfg.eval.shot,
         "query": cfg.eval.query,
         **protocol_record(cfg),
+        # test-time views (eval.tta): how each query was scored, not which episodes, so not
+        # in the episode set (the report pairs runs with and without them)
+        "tta": eval_tta(cfg),
         "algo": choice(cfg, "algo"),
         "data": choice(cfg, "data"),
         **({"paper": paper} if paper else {}),
@@ -118,7 +118,8 @@ def write_results(run_dir: Path, results: dict) -> None:
             ", queries assigned together (eval.assignment=balanced)"
             if results.get("assignment") == "balanced"
             else ""
-        ),
+        )
+        + (f", {results['tta']} test-time views" if results.get("tta", 1) > 1 else ""),
         path,
     )
 
@@ -143,7 +144,7 @@ def score(
     `extra` and the learner's own test report), and give the dashboard its summary.
     best_val: training's best validation score as higher_is_better gives it (accuracy, or
     minus the MSE), recorded as best_val_acc or best_val_mse."""
-    result = evaluate(learner, episodes, cfg.eval.batch, eval_assignment(cfg))
+    result = evaluate_as(cfg, learner, episodes)
     metric = result["metric"]
     if best_val is not None:
         extra = {**extra, f"best_val_{metric}": best_val if metric == "acc" else -best_val}

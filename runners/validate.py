@@ -107,6 +107,15 @@ def names(key, value):
     return None
 
 
+def paths(key, value):
+    """null, a path, or a non-empty list of paths (ckpt=[RUN_A,RUN_B]: an ensemble)."""
+    if value is None or (isinstance(value, str) and value):
+        return None
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return None
+    return f"{key} must be a path, or a list of paths (an ensemble: {key}=[RUN_A,RUN_B]); got {value!r}"
+
+
 def anything(key, value):
     return None
 
@@ -133,7 +142,7 @@ KNOBS: dict[str, Check] = {
     "seed": integer(0, SEED_MAX),
     "device": text(),
     "tf32": boolean,
-    "ckpt": text(optional=True),
+    "ckpt": paths,
     "resume": text(optional=True),
     "trust_checkpoint": boolean,
     "support": text(optional=True),
@@ -167,6 +176,7 @@ KNOBS: dict[str, Check] = {
     "eval.protocol": choice(*PROTOCOLS),
     "eval.alphabets": names,
     "eval.assignment": choice(*ASSIGNMENTS),
+    "eval.tta": integer(1),
     "continual.scenario": choice(*SCENARIOS),
     "continual.tasks": integer(1),
     "continual.split": choice("train", "val", "test"),
@@ -509,6 +519,14 @@ def check_inputs(cfg: DictConfig) -> None:
 def check_learner_fits_data(cfg: DictConfig) -> None:
     """Regression data needs a learner with an output head."""
     check_inputs(cfg)
+    if cfg.eval.get("tta", 1) != 1:
+        regression = describes(cfg.data, "task", "classification") == "regression"
+        if regression or describes(cfg.data, "inputs", "images") != "images":
+            raise ConfigError(
+                f"eval.tta={cfg.eval.tta} averages class probabilities over views of images; "
+                f"data={chosen(cfg, 'data')} is "
+                f"{'regression' if regression else 'not images'}: use eval.tta=1"
+            )
     if describes(cfg.data, "task", "classification") == "regression":
         if cfg.eval.get("assignment", "independent") != "independent":
             raise ConfigError(
