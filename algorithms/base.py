@@ -243,6 +243,16 @@ def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+def mean_log_probs(scores: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The mean of log softmax(scores) over several scorings of the same queries [..., way]
+    (an ensemble's members, test-time views), in float32 or wider."""
+    total, n = None, 0
+    for s in scores:
+        logp = at_least_float32(s).log_softmax(-1)
+        total, n = (logp if total is None else total + logp), n + 1
+    return total / n
+
+
 def supervised_loss(outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of logits [n, way] against labels [n]; MSE of outputs [n, 1] against
     float targets [n]."""

@@ -9,7 +9,7 @@ from torch import nn
 
 from metarun.errors import ConfigError
 
-from .base import MetaLearner
+from .base import MetaLearner, mean_log_probs
 
 
 class Ensemble(MetaLearner):
@@ -33,13 +33,14 @@ class Ensemble(MetaLearner):
         self.way = min(ways) if ways else None
 
     def predict(self, support_x, support_y, query_x, way=None):
-        total = None
+        return mean_log_probs(self.scores(support_x, support_y, query_x, way))
+
+    def scores(self, support_x, support_y, query_x, way):
+        """Each member's scores of the queries, in its own precision."""
         for member in self.members:
             with member.autocast():
                 logits = member.predict(support_x, support_y, query_x, way)
-            logp = logits.float().log_softmax(-1)
-            total = logp if total is None else total + logp
-        return total / len(self.members)
+            yield logits
 
     def check_way(self, way: int) -> None:
         for member in self.members:

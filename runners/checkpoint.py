@@ -264,7 +264,7 @@ def check_members(states: list[dict]) -> None:
         data = dict(state["config"].get("data") or {})
         return {k: v for k, v in data.items() if k not in WHERE_DATA_IS}
 
-    first = states[0]
+    first, expected = states[0], data_of(states[0])
     seen = set()
     for state in states:
         if state["path"] in seen:
@@ -273,23 +273,19 @@ def check_members(states: list[dict]) -> None:
                 "checkpoints (e.g. one preset trained under several seeds)"
             )
         seen.add(state["path"])
-        if data_of(state) != data_of(first):
-            differ = sorted(
-                k
-                for k in set(data_of(state)) | set(data_of(first))
-                if data_of(state).get(k) != data_of(first).get(k)
-            )
+        data = data_of(state)
+        if data != expected:
+            differ = sorted(k for k in set(data) | set(expected) if data.get(k) != expected.get(k))
             raise CheckpointError(
                 f"the checkpoints of an ensemble must be trained on the same data with the same "
                 f"image settings; {state['path']} differs from {first['path']} in data."
                 f"{', data.'.join(differ)}. Test them apart, or train the members alike"
             )
-    data = OmegaConf.create(first["config"]).data
-    if describes(data, "task", "classification") == "regression":
+    config = OmegaConf.create(first["config"])
+    if describes(config.data, "task", "classification") == "regression":
         raise CheckpointError(
             f"an ensemble averages the members' class probabilities; data="
-            f"{choice(OmegaConf.create(first['config']), 'data')} is regression: test each "
-            "checkpoint on its own"
+            f"{choice(config, 'data')} is regression: test each checkpoint on its own"
         )
 
 

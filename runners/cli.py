@@ -166,7 +166,7 @@ def test(cfg: DictConfig, run_dir: Path) -> dict:
         extra_config={
             "group": state.get("wandb_group"),
             "train_run_id": state.get("wandb_id"),
-            "ckpt": str(state["path"]) if len(states) == 1 else extra["ckpt"],
+            "ckpt": extra["ckpt"],
         },
     )
     try:

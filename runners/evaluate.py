@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from metarun.algorithms.base import MetaLearner, is_regression, mean_ci95, metric_name, task_scores
+from metarun.algorithms.base import (
+    MetaLearner,
+    is_regression,
+    mean_ci95,
+    mean_log_probs,
+    metric_name,
+    task_scores,
+)
 from metarun.data.augment import tta_views, warp
 from metarun.data.episodes import FixedEpisodes
 from metarun.errors import ConfigError
@@ -70,16 +77,17 @@ def predict_views(learner: MetaLearner, batch, views: torch.Tensor | None) -> to
             "eval.tta transforms images; this data set's examples are not images "
             f"(shape {tuple(batch.support_x.shape[2:])}): use eval.tta=1"
         )
-    total = 0.0
-    for i, theta in enumerate(views):
-        support_x, query_x = batch.support_x, batch.query_x
-        if i > 0:  # the first view is the identity: the images as they are
-            support_x, query_x = (
-                warp(x.flatten(0, 1), theta).view_as(x) for x in (support_x, query_x)
-            )
-        logits = learner.predict(support_x, batch.support_y, query_x, batch.way)
-        total = total + logits.float().log_softmax(-1)
-    return total / len(views)
+
+    def scores():
+        for i, theta in enumerate(views):
+            support_x, query_x = batch.support_x, batch.query_x
+            if i > 0:  # the first view is the identity: the images as they are
+                support_x, query_x = (
+                    warp(x.flatten(0, 1), theta).view_as(x) for x in (support_x, query_x)
+                )
+            yield learner.predict(support_x, batch.support_y, query_x, batch.way)
+
+    return mean_log_probs(scores())
 
 
 def auto_batch(episodes: FixedEpisodes) -> int:
@@ -119,13 +127,13 @@ def evaluate(
     learner.eval()
     scores = []
     for batch in episodes.batches(batch_size):
-        with learner.autocast():
-            logits = predict_views(learner, batch, views)
         if views is not None and is_regression(batch.query_y):
             raise ConfigError(
                 "eval.tta averages class probabilities over views; this data set is "
                 "regression: use eval.tta=1"
             )
+        with learner.autocast():
+            logits = predict_views(learner, batch, views)
         if assignment != "independent":
             if is_regression(batch.query_y):
                 raise ConfigError(

@@ -519,15 +519,15 @@ def check_inputs(cfg: DictConfig) -> None:
 def check_learner_fits_data(cfg: DictConfig) -> None:
     """Regression data needs a learner with an output head."""
     check_inputs(cfg)
+    regression = describes(cfg.data, "task", "classification") == "regression"
     if cfg.eval.get("tta", 1) != 1:
-        regression = describes(cfg.data, "task", "classification") == "regression"
         if regression or describes(cfg.data, "inputs", "images") != "images":
             raise ConfigError(
                 f"eval.tta={cfg.eval.tta} averages class probabilities over views of images; "
                 f"data={chosen(cfg, 'data')} is "
                 f"{'regression' if regression else 'not images'}: use eval.tta=1"
             )
-    if describes(cfg.data, "task", "classification") == "regression":
+    if regression:
         if cfg.eval.get("assignment", "independent") != "independent":
             raise ConfigError(
                 f"eval.assignment={cfg.eval.assignment} assigns classes to queries; "
