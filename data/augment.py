@@ -58,6 +58,55 @@ def random_affine(
     return warp(x, affine_matrices(x.shape[0], generator, degrees, translate, scale, x.device))
 
 
+def elastic_field(
+    n: int,
+    size: tuple[int, int],
+    generator: torch.Generator,
+    magnitude: float = 0.1,
+    cells: int = 3,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """n smooth random displacement fields for grid_sample's grids, [n, H, W, 2] in grid
+    units (the image spans [-1, 1]): a displacement of up to `magnitude` each way drawn at
+    each point of a `cells` x `cells` lattice, interpolated bicubically over the image. At
+    28 pixels magnitude 0.1 moves a point of the lattice by up to 1.4 pixels; neighbouring
+    pixels move together, so strokes bend instead of breaking (Simard et al. 2003's
+    distortions of handwriting, with a coarse lattice instead of a smoothed pixel field)."""
+    coarse = magnitude * (
+        2 * torch.rand(n, 2, cells, cells, generator=generator, device=device) - 1
+    )
+    field = F.interpolate(coarse, size=size, mode="bicubic", align_corners=True)
+    return field.permute(0, 2, 3, 1)
+
+
+def random_distortion(
+    x: torch.Tensor, generator: torch.Generator, affine: bool = True, elastic: bool = False
+) -> torch.Tensor:
+    """trainer.augment's geometric distortions in one resampling: a small random affine map
+    (affine_matrices' defaults) and/or a smooth elastic displacement (elastic_field's), so
+    that an image combining both is interpolated once, not blurred twice. x float
+    [N, C, H, W]; the affine draws come first, so affine alone draws what random_affine
+    does."""
+    n, _, h, w = x.shape
+    theta = affine_matrices(n, generator, device=x.device) if affine else torch.eye(2, 3)
+    grid = F.affine_grid(theta.to(x.dtype).expand(n, 2, 3), list(x.shape), align_corners=False)
+    if elastic:
+        grid = grid + elastic_field(n, (h, w), generator, device=x.device).to(x.dtype)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+
+
+def random_stroke(x: torch.Tensor, generator: torch.Generator, strength: float = 0.5):
+    """Thicken or thin each image's strokes by a random amount, as pens and people differ:
+    x float [N, C, H, W] moves toward its 3x3 grey dilation (t > 0) or erosion (t < 0) by
+    |t| * `strength`, t uniform in [-1, 1] per image. Symmetric in t, so it suits strokes
+    brighter or darker than the background alike."""
+    t = 2 * torch.rand(x.shape[0], 1, 1, 1, generator=generator, device=x.device) - 1
+    dilated = F.max_pool2d(x, 3, stride=1, padding=1)
+    eroded = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    target = torch.where(t > 0, dilated, eroded)
+    return x + strength * t.abs().to(x.dtype) * (target - x)
+
+
 def tta_views(views: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """eval.tta's views [views, 2, 3]: the identity, then views - 1 random small affine maps
     (those of trainer.augment=affine) drawn from `seed` alone, so every episode, batch size

@@ -14,7 +14,13 @@ import torch
 
 from metarun.errors import ConfigError
 
-from .augment import random_affine, random_mirror, random_shift
+from .augment import (
+    random_affine,
+    random_distortion,
+    random_mirror,
+    random_shift,
+    random_stroke,
+)
 from .store import ClassStore, rotate
 
 
@@ -135,9 +141,25 @@ def gather(
     return Episodes(support_x, support_y, query_x, query_y, classes)
 
 
-# per-image augmentations, in the order they apply; "mirror" works on whole classes
-PER_IMAGE = {"affine": random_affine, "shift": random_shift}
+# per-image augmentations, in the order they apply ("affine" and "elastic" together resample
+# once); "mirror" works on whole classes
+PER_IMAGE = ("stroke", "affine", "elastic", "shift")
 AUGMENTATIONS = (*PER_IMAGE, "mirror")
+
+
+def per_image_steps(names: Sequence[str]) -> list:
+    """The per-image functions of trainer.augment's names, in PER_IMAGE's order, each taking
+    (x, generator)."""
+    steps = []
+    if "stroke" in names:
+        steps.append(random_stroke)
+    if "elastic" in names:
+        steps.append(partial(random_distortion, affine="affine" in names, elastic=True))
+    elif "affine" in names:
+        steps.append(random_affine)
+    if "shift" in names:
+        steps.append(random_shift)
+    return steps
 
 
 def train_augmentation(
@@ -148,8 +170,9 @@ def train_augmentation(
 
     augment: one name or several (a list, or names joined by "+"), applied in this order:
     "mirror" mirrors each class of an episode at random (images [tasks, way, k, C, H, W]; a
-    new class, so episodes only), then per image "affine" (small rotation, scale and
-    shift) and "shift" (whole-pixel shift)."""
+    new class, so episodes only), then per image "stroke" (thicker or thinner strokes),
+    "affine" (small rotation, scale and shift), "elastic" (a smooth random bending; with
+    affine, one resampling for both) and "shift" (whole-pixel shift)."""
     if augment is None:
         return None
     names = augment.split("+") if isinstance(augment, str) else [str(a) for a in augment]
@@ -165,9 +188,7 @@ def train_augmentation(
             "episodes with their own labels; this learner trains on plain labelled batches: "
             "use trainer.augment=shift or affine"
         )
-    per_image = [
-        partial(fn, generator=generator) for name, fn in PER_IMAGE.items() if name in names
-    ]
+    per_image = [partial(fn, generator=generator) for fn in per_image_steps(names)]
 
     def apply(x: torch.Tensor) -> torch.Tensor:
         if "mirror" in names:

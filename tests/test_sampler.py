@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from metarun.data import ClassStore, ConfigError, EpisodeSampler, FixedEpisodes
-from metarun.data.augment import random_shift
+from metarun.data.augment import (
+    affine_matrices,
+    elastic_field,
+    random_affine,
+    random_distortion,
+    random_shift,
+    random_stroke,
+)
 from metarun.data.episodes import ImageBatchSampler, sample_indices
 
 
@@ -129,6 +137,69 @@ def test_shift_moves_each_image_by_whole_pixels_within_the_limit():
     edge[:, 0, :, 0] = 1.0  # a stroke on the left border: shifted out of frame, or kept
     out = random_shift(edge, torch.Generator().manual_seed(1), translate=0.2)
     assert out.sum() < edge.sum() and out.max() == 1.0
+
+
+def strokes(n=64, side=14) -> torch.Tensor:
+    """n images of one bright cross on a dark ground, [n, 1, side, side]."""
+    x = torch.zeros(n, 1, side, side)
+    x[:, 0, side // 2, 2:-2] = 1.0
+    x[:, 0, 2:-2, side // 2] = 0.6
+    return x
+
+
+def test_stroke_moves_each_image_between_its_erosion_and_dilation():
+    x = strokes()
+    out = random_stroke(x, torch.Generator().manual_seed(0), strength=0.5)
+    dilated = F.max_pool2d(x, 3, stride=1, padding=1)
+    eroded = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    assert out.shape == x.shape
+    assert torch.all(out >= eroded - 1e-6) and torch.all(out <= dilated + 1e-6)
+    ink = out.sum((1, 2, 3)) - x.sum((1, 2, 3))  # > 0 thicker, < 0 thinner
+    assert (ink > 0).any() and (ink < 0).any()  # both ways are drawn
+    # the largest step is halfway to the dilation (strength 0.5, |t| < 1)
+    grown = (out - x) / (dilated - x).clamp_min(1e-6)
+    assert grown[dilated > x].max() <= 0.5 + 1e-6 and grown[dilated > x].max() > 0.4
+    again = random_stroke(x, torch.Generator().manual_seed(0), strength=0.5)
+    assert torch.equal(out, again)  # the draws come from the generator alone
+
+
+def test_elastic_field_is_smooth_bounded_and_passes_through_its_lattice():
+    g = torch.Generator().manual_seed(0)
+    field = elastic_field(50, (28, 28), g, magnitude=0.1, cells=3)
+    assert field.shape == (50, 28, 28, 2)
+    coarse = 0.1 * (2 * torch.rand(50, 2, 3, 3, generator=torch.Generator().manual_seed(0)) - 1)
+    corners = field[:, [0, 0, -1, -1], [0, -1, 0, -1]].permute(0, 2, 1)  # [n, 2, 4]
+    assert torch.allclose(corners, coarse[:, :, [0, 0, -1, -1], [0, -1, 0, -1]], atol=1e-6)
+    assert field.abs().max() < 0.15  # bicubic overshoots the lattice's 0.1 a little at most
+    step = (field[:, 1:] - field[:, :-1]).abs().max()  # neighbours move almost together
+    assert step < 0.02  # under a third of a pixel (a pixel is 2/28 = 0.071 grid units)
+
+
+def test_distortion_resamples_affine_and_elastic_once_and_affine_alone_is_unchanged():
+    x = strokes(8, 28)
+    a = random_distortion(x, torch.Generator().manual_seed(3), affine=True, elastic=False)
+    assert torch.equal(a, random_affine(x, torch.Generator().manual_seed(3)))
+    same = random_distortion(x, torch.Generator().manual_seed(3), affine=False, elastic=False)
+    assert torch.allclose(same, x, atol=1e-5)  # neither: the identity grid
+    both = random_distortion(x, torch.Generator().manual_seed(3), affine=True, elastic=True)
+    assert not torch.allclose(both, a, atol=1e-3)  # the elastic field bends the affine image
+    # one resampling of the summed grids, the affine draws first, then the field's
+    g = torch.Generator().manual_seed(3)
+    theta = affine_matrices(8, g)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False) + elastic_field(8, (28, 28), g)
+    assert torch.allclose(both, F.grid_sample(x, grid, align_corners=False), atol=1e-6)
+
+
+def test_new_augmentations_combine_in_a_fixed_order_in_the_samplers():
+    store = tagged_store()
+    a = EpisodeSampler(store, 5, 1, 3, seed=0, augment="elastic+stroke+affine").sample(3)
+    b = EpisodeSampler(store, 5, 1, 3, seed=0, augment=["stroke", "affine", "elastic"]).sample(3)
+    plain = EpisodeSampler(store, 5, 1, 3, seed=0).sample(3)
+    assert torch.equal(a.query_x, b.query_x) and torch.equal(a.classes, plain.classes)
+    assert not torch.equal(a.query_x, plain.query_x)
+    for name in ("stroke", "elastic"):
+        batch = ImageBatchSampler(store, seed=0, augment=name).sample(8)
+        assert batch.support_x.shape == (8, 1, 1, 6, 6)
 
 
 def test_mirror_flips_whole_classes_and_episodes_keep_their_labels():
