@@ -88,14 +88,20 @@ def random_distortion(
     [N, C, H, W]; the affine draws come first, so affine alone draws what random_affine
     does."""
     n, _, h, w = x.shape
-    theta = affine_matrices(n, generator, device=x.device) if affine else torch.eye(2, 3)
+    theta = (
+        affine_matrices(n, generator, device=x.device)
+        if affine
+        else torch.eye(2, 3, device=x.device)
+    )
     grid = F.affine_grid(theta.to(x.dtype).expand(n, 2, 3), list(x.shape), align_corners=False)
     if elastic:
         grid = grid + elastic_field(n, (h, w), generator, device=x.device).to(x.dtype)
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
 
-def random_stroke(x: torch.Tensor, generator: torch.Generator, strength: float = 0.5):
+def random_stroke(
+    x: torch.Tensor, generator: torch.Generator, strength: float = 0.5
+) -> torch.Tensor:
     """Thicken or thin each image's strokes by a random amount, as pens and people differ:
     x float [N, C, H, W] moves toward its 3x3 grey dilation (t > 0) or erosion (t < 0) by
     |t| * `strength`, t uniform in [-1, 1] per image. Symmetric in t, so it suits strokes
