@@ -33,12 +33,17 @@ def affine_matrices(
     )
 
 
-def warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def warp(
+    x: torch.Tensor, theta: torch.Tensor, displacement: torch.Tensor | None = None
+) -> torch.Tensor:
     """Images x float [N, C, H, W] under affine_grid matrices theta [N, 2, 3] (or one
-    [2, 3] for all), bilinear, zero outside the frame (the background of metarun's
-    character images)."""
+    [2, 3] for all), plus a displacement of the sampling grid [N, H, W, 2] if given (e.g.
+    elastic_field's), in one bilinear resampling, zero outside the frame (the background
+    of metarun's character images)."""
     theta = theta.to(x.dtype).expand(x.shape[0], 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if displacement is not None:
+        grid = grid + displacement.to(x.dtype)
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
 
@@ -88,15 +93,12 @@ def random_distortion(
     [N, C, H, W]; the affine draws come first, so affine alone draws what random_affine
     does."""
     n, _, h, w = x.shape
-    theta = (
-        affine_matrices(n, generator, device=x.device)
-        if affine
-        else torch.eye(2, 3, device=x.device)
-    )
-    grid = F.affine_grid(theta.to(x.dtype).expand(n, 2, 3), list(x.shape), align_corners=False)
-    if elastic:
-        grid = grid + elastic_field(n, (h, w), generator, device=x.device).to(x.dtype)
-    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+    if affine:
+        theta = affine_matrices(n, generator, device=x.device)
+    else:
+        theta = torch.eye(2, 3, device=x.device)
+    field = elastic_field(n, (h, w), generator, device=x.device) if elastic else None
+    return warp(x, theta, field)
 
 
 def random_stroke(

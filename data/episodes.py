@@ -15,7 +15,6 @@ import torch
 from metarun.errors import ConfigError
 
 from .augment import (
-    random_affine,
     random_distortion,
     random_mirror,
     random_shift,
@@ -153,10 +152,10 @@ def per_image_steps(names: Sequence[str]) -> list:
     steps = []
     if "stroke" in names:
         steps.append(random_stroke)
-    if "elastic" in names:
-        steps.append(partial(random_distortion, affine="affine" in names, elastic=True))
-    elif "affine" in names:
-        steps.append(random_affine)
+    if "affine" in names or "elastic" in names:  # alone, affine draws what random_affine does
+        steps.append(
+            partial(random_distortion, affine="affine" in names, elastic="elastic" in names)
+        )
     if "shift" in names:
         steps.append(random_shift)
     return steps
