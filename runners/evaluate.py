@@ -174,14 +174,29 @@ def eval_assignment(cfg: DictConfig) -> str:
     return cfg.eval.get("assignment", "independent")
 
 
+def val_assignment(cfg: DictConfig) -> str:
+    """How validation assigns queries, and so which checkpoint becomes best.pt:
+    trainer.val_assignment, or eval.assignment when it is null (or unset: a config written
+    before it existed)."""
+    return cfg.trainer.get("val_assignment") or eval_assignment(cfg)
+
+
 def eval_tta(cfg: DictConfig) -> int:
     """eval.tta, 1 (no test-time views) for a config written before it existed."""
     return int(cfg.eval.get("tta", 1))
 
 
-def evaluate_as(cfg: DictConfig, learner: MetaLearner, episodes: FixedEpisodes) -> dict:
+def evaluate_as(
+    cfg: DictConfig, learner: MetaLearner, episodes: FixedEpisodes, assignment: str | None = None
+) -> dict:
     """evaluate with the run's evaluation settings (eval.batch, eval.assignment, eval.tta,
-    eval.seed): how validation and test score a run."""
+    eval.seed): how validation and test score a run. assignment: another assignment than
+    eval.assignment (validation's, val_assignment)."""
     return evaluate(
-        learner, episodes, cfg.eval.batch, eval_assignment(cfg), eval_tta(cfg), cfg.eval.seed
+        learner,
+        episodes,
+        cfg.eval.batch,
+        assignment or eval_assignment(cfg),
+        eval_tta(cfg),
+        cfg.eval.seed,
     )

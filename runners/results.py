@@ -11,7 +11,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.runners.build import WHERE_DATA_IS, choice
-from metarun.runners.evaluate import eval_assignment, eval_protocol, eval_tta, evaluate_as
+from metarun.runners.evaluate import (
+    eval_assignment,
+    eval_protocol,
+    eval_tta,
+    evaluate_as,
+    val_assignment,
+)
 from metarun.runners.files import write_text_atomic
 
 log = logging.getLogger("metarun")
@@ -143,11 +149,14 @@ def score(
     """Evaluate on the fixed test episodes, write test_episodes.csv and results.json (with
     `extra` and the learner's own test report), and give the dashboard its summary.
     best_val: training's best validation score as higher_is_better gives it (accuracy, or
-    minus the MSE), recorded as best_val_acc or best_val_mse."""
+    minus the MSE), recorded as best_val_acc or best_val_mse, with the validation's
+    assignment (val_assignment) when it is not the test's."""
     result = evaluate_as(cfg, learner, episodes)
     metric = result["metric"]
     if best_val is not None:
         extra = {**extra, f"best_val_{metric}": best_val if metric == "acc" else -best_val}
+        if val_assignment(cfg) != eval_assignment(cfg):
+            extra["val_assignment"] = val_assignment(cfg)
     record = write_episode_scores(run_dir, cfg, result)
     report = learner.test_report(episodes, cfg.eval.batch)
     results = results_record(cfg, result, **extra, **report, test_episodes=record)

@@ -29,7 +29,7 @@ from metarun.runners.build import (
     instantiate_clean,
     train_sampler,
 )
-from metarun.runners.evaluate import eval_protocol, evaluate_as, higher_is_better
+from metarun.runners.evaluate import eval_protocol, evaluate_as, higher_is_better, val_assignment
 from metarun.runners.files import FileSystemError, remove_stale_temps
 from metarun.runners.logging import NullLogger, Progress, RunLogger
 from metarun.runners.results import score
@@ -399,7 +399,7 @@ class Trainer:
         last = step == tc.steps
         val_row, save_best, score = {}, False, None
         if self.main and (step % tc.val_every == 0 or last):
-            val = evaluate_as(self.cfg, self.learner, self.val)
+            val = evaluate_as(self.cfg, self.learner, self.val, val_assignment(self.cfg))
             val_row = {f"val_{val['metric']}": val[val["metric"]], "val_ci95": val["ci95"]}
             score = higher_is_better(val)  # accuracy, or minus the MSE
             if math.isfinite(score) and score > self.best_val:
@@ -580,6 +580,7 @@ ADDED_SETTINGS = {
     "eval.assignment": "independent",
     "eval.tta": 1,
     "trainer.episodes": "random",
+    "trainer.val_assignment": None,
 }
 # listed first in a refusal (the episode shape), as users mostly change these
 RESUME_ORDER = ("way", "shot", "query")

@@ -89,10 +89,13 @@ def text(optional: bool = False) -> Check:
     return check
 
 
-def choice(*options) -> Check:
+def choice(*options, optional: bool = False) -> Check:
     def check(key, value):
+        if value is None and optional:
+            return None
         if isinstance(value, bool) or value not in options:
-            return f"{key}={value!r}; choose {', '.join(map(str, options))}"
+            listed = ", ".join(map(str, options)) + (" or null" if optional else "")
+            return f"{key}={value!r}; choose {listed}"
         return None
 
     return check
@@ -176,6 +179,7 @@ KNOBS: dict[str, Check] = {
     "eval.protocol": choice(*PROTOCOLS),
     "eval.alphabets": names,
     "eval.assignment": choice(*ASSIGNMENTS),
+    "trainer.val_assignment": choice(*ASSIGNMENTS, optional=True),
     "eval.tta": integer(1),
     "continual.scenario": choice(*SCENARIOS),
     "continual.tasks": integer(1),
@@ -528,11 +532,15 @@ def check_learner_fits_data(cfg: DictConfig) -> None:
                 f"{'regression' if regression else 'not images'}: use eval.tta=1"
             )
     if regression:
-        if cfg.eval.get("assignment", "independent") != "independent":
-            raise ConfigError(
-                f"eval.assignment={cfg.eval.assignment} assigns classes to queries; "
-                f"data={chosen(cfg, 'data')} is regression: use eval.assignment=independent"
-            )
+        for key, value in (
+            ("eval.assignment", cfg.eval.get("assignment")),
+            ("trainer.val_assignment", cfg.trainer.get("val_assignment")),
+        ):
+            if value not in (None, "independent"):
+                raise ConfigError(
+                    f"{key}={value} assigns classes to queries; data={chosen(cfg, 'data')} "
+                    f"is regression: use {key}=independent"
+                )
         learner = learner_class(cfg)
         if learner is not None and not getattr(learner, "supports_regression", False):
             raise ConfigError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,8 +138,16 @@ def test_balanced_assignment_is_refused_for_regression():
         validate(
             compose_with("data=sinusoid", "algo=maml", "backbone=mlp", "eval.assignment=balanced")
         )
+    with pytest.raises(ConfigError, match="is regression: use trainer.val_assignment=indep"):
+        validate(
+            compose_with(
+                "data=sinusoid", "algo=maml", "backbone=mlp", "trainer.val_assignment=balanced"
+            )
+        )
     with pytest.raises(ConfigError, match="eval.assignment"):
         validate(compose_with("eval.assignment=hungarian"))
+    with pytest.raises(ConfigError, match="trainer.val_assignment='hungarian'; choose .* or null"):
+        validate(compose_with("trainer.val_assignment=hungarian"))
 
 
 def test_results_and_the_episode_definition_record_the_assignment():
@@ -177,3 +186,30 @@ def test_train_and_test_runs_record_it_and_the_report_never_pairs_the_two(tmp_pa
         groups_of(collect([str(sweep / "train"), str(sweep / "test")])[0])
     )
     assert pairs == [] and len(unpaired) == 1
+
+
+def val_rows(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["val_acc"]) for r in rows if "val_acc" in r]
+
+
+def test_validation_can_assign_otherwise_than_the_test(tmp_path):
+    """trainer.val_assignment scores validation (and so chooses best.pt) one way while the
+    test keeps eval.assignment: with balanced tests and independent validation, a run
+    validates exactly as an all-independent run of the same seed, and tests balanced."""
+    runs = {
+        "independent": [],
+        "balanced": ["eval.assignment=balanced"],
+        "mixed": ["eval.assignment=balanced", "trainer.val_assignment=independent"],
+    }
+    for name, extra in runs.items():
+        run_cli(*FAST, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+    val = {name: val_rows(tmp_path / name) for name in runs}
+    results = {name: json.loads((tmp_path / name / "results.json").read_text()) for name in runs}
+    assert len(val["mixed"]) == 2 and val["mixed"] == val["independent"]
+    assert val["mixed"] != val["balanced"]  # the balanced one is another score of the same weights
+    assert results["mixed"]["best_step"] == results["independent"]["best_step"]
+    assert results["mixed"]["best_val_acc"] == results["independent"]["best_val_acc"]
+    assert results["mixed"]["assignment"] == "balanced"
+    assert results["mixed"]["val_assignment"] == "independent"
+    assert "val_assignment" not in results["balanced"]  # validated as it tests

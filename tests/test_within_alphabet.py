@@ -303,6 +303,7 @@ def test_runs_with_other_protocols_are_never_paired(tmp_path):
         ("eval.assignment", "balanced"),
         ("trainer.episodes", "within_alphabet"),
         ("eval.tta", "4"),
+        ("trainer.val_assignment", "balanced"),
     ],
 )
 def test_a_checkpoint_from_before_a_setting_existed_resumes_as_its_default(key, other):
