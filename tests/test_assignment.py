@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, compose_with, run_cli
+from conftest import FAST, compose_with, read_jsonl, run_cli
 
 from metarun.algorithms.base import MetaLearner
 from metarun.data import ClassStore, ConfigError, FixedEpisodes
@@ -189,8 +189,7 @@ def test_train_and_test_runs_record_it_and_the_report_never_pairs_the_two(tmp_pa
 
 
 def val_rows(run: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["val_acc"]) for r in rows if "val_acc" in r]
+    return [(r["step"], r["val_acc"]) for r in read_jsonl(run / "metrics.jsonl") if "val_acc" in r]
 
 
 def test_validation_can_assign_otherwise_than_the_test(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_with, run_cli
+from conftest import compose_with, read_jsonl, run_cli
 
 from metarun.runners.build import learners_that
 from metarun.runners.trainer import Trainer
@@ -78,7 +78,7 @@ def weights(run: Path) -> dict:
 
 
 def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(run / "metrics.jsonl")
 
 
 def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
