@@ -114,6 +114,13 @@ class ClassStore:
         are "<Alphabet>/<characterNN>", so this is the character's alphabet)."""
         return [name.split("/", 1)[0] for name in self.names]
 
+    def class_name(self, class_id: int) -> str:
+        """A (possibly rotated) class's name: its base class's name, with the turn when it is
+        a rotation ("Greek/character01 rotated 90"); "class N" for a store without names."""
+        base, rot = class_id % self.n_base, class_id // self.n_base
+        name = self.names[base] if base < len(self.names) else f"class {base}"
+        return f"{name} rotated {rot * 360 // self.rotations}" if rot else name
+
     def to(self, device: str | torch.device) -> ClassStore:
         return ClassStore(
             self.images.to(device),

@@ -125,7 +125,7 @@ def evaluate(
     batch_size = batch_size or auto_batch(episodes)
     was_training = learner.training
     learner.eval()
-    scores = []
+    scores, wrong, queried = [], [], []
     for batch in episodes.batches(batch_size):
         if views is not None and is_regression(batch.query_y):
             raise ConfigError(
@@ -142,16 +142,52 @@ def evaluate(
                 )
             logits = assign(logits, batch.way, episodes.query, assignment)
         scores.append(task_scores(logits, batch.query_y))  # [b]
+        if not is_regression(batch.query_y) and getattr(batch, "classes", None) is not None:
+            true, predicted = query_classes(logits, batch)
+            queried.append(true.flatten())
+            miss = true != predicted
+            wrong.append(torch.stack([true[miss], predicted[miss]], -1))
     learner.train(was_training)
     per_episode = torch.cat(scores).cpu()
     mean, ci = mean_ci95(per_episode)
     metric = metric_name(batch.query_y)
-    return {
+    result = {
         "metric": metric,
         metric: mean,
         "ci95": ci,
         "episodes": len(per_episode),
         "scores": per_episode.double().tolist(),  # each episode's, in the episodes' order
+    }
+    if queried:
+        result.update(confusion_counts(torch.cat(queried).cpu(), torch.cat(wrong).cpu()))
+    return result
+
+
+def query_classes(logits: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's true and predicted class as the data set's class ids (batch.classes maps
+    an episode's labels 0..way-1 to them), [b, way * query] each."""
+    predicted = logits.argmax(-1)
+    return batch.classes.gather(1, batch.query_y), batch.classes.gather(1, predicted)
+
+
+def confusion_counts(queried: torch.Tensor, wrong: torch.Tensor) -> dict:
+    """What the queries' mistakes were, by the data set's class ids: "class_queries" and
+    "class_errors" ({class: count}, each class that had queries), and "confusions", a list of
+    [true class, predicted class, count] for every pair that was confused, most frequent
+    first (ties by class ids)."""
+    classes, queries = torch.unique(queried, return_counts=True)
+    errors = torch.zeros_like(queries)
+    pairs: list[list[int]] = []
+    if len(wrong):
+        missed, per_class = torch.unique(wrong[:, 0], return_counts=True)
+        errors[torch.searchsorted(classes, missed)] = per_class
+        unique_pairs, counts = torch.unique(wrong, dim=0, return_counts=True)
+        pairs = [[int(t), int(p), int(c)] for (t, p), c in zip(unique_pairs, counts)]
+        pairs.sort(key=lambda row: (-row[2], row[0], row[1]))
+    return {
+        "class_queries": dict(zip(classes.tolist(), queries.tolist())),
+        "class_errors": dict(zip(classes.tolist(), errors.tolist())),
+        "confusions": pairs,
     }
 
 

@@ -166,6 +166,9 @@ class NullLogger:
     def episode_table(self, metric: str, scores: list[float]) -> None:
         pass
 
+    def table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        pass
+
     def log(self, step: int, metrics: dict) -> None:
         pass
 

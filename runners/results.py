@@ -4,6 +4,8 @@ on the dashboard."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 from pathlib import Path
@@ -23,6 +25,9 @@ from metarun.runners.files import write_text_atomic
 log = logging.getLogger("metarun")
 
 EPISODES_FILE = "test_episodes.csv"
+CONFUSIONS_FILE = "test_confusions.csv"  # which class each wrong query was taken for
+CLASSES_FILE = "test_classes.csv"  # each class's queries and errors, hardest first
+TOP_CONFUSIONS = 5  # pairs quoted in results.json and the log
 
 
 def episode_set(cfg: DictConfig, n: int) -> dict:
@@ -60,6 +65,67 @@ def write_episode_scores(run_dir: Path, cfg: DictConfig, result: dict) -> dict:
     lines = [f"episode,{metric}"] + [f"{i},{s!r}" for i, s in enumerate(result["scores"])]
     write_text_atomic(Path(run_dir) / EPISODES_FILE, "\n".join(lines) + "\n", "test episodes")
     return {"file": EPISODES_FILE, "set": episode_set(cfg, len(result["scores"]))}
+
+
+def write_confusions(run_dir: Path, store, result: dict) -> tuple[dict, list[list]]:
+    """test_confusions.csv (each pair of classes a query of the first was taken for the
+    second, with how often, most frequent first) and test_classes.csv (each class's queries,
+    errors and accuracy, hardest first), named by the data set's class names; returns
+    results.json's entry, with the most frequent confusions, and every pair's row."""
+
+    def name(class_id: int) -> str:
+        return store.class_name(class_id) if hasattr(store, "class_name") else str(class_id)
+
+    queries, errors = result["class_queries"], result["class_errors"]
+    n_errors = sum(errors.values())
+    pairs = [[name(t), name(p), count, round(count / n_errors, 4)] for t, p, count in result["confusions"]]
+    rows = sorted(
+        ([name(c), q, errors[c], round(1 - errors[c] / q, 4)] for c, q in queries.items()),
+        key=lambda row: (row[3], row[0]),
+    )
+    write_text_atomic(
+        Path(run_dir) / CONFUSIONS_FILE,
+        csv_text(["true_class", "predicted_class", "count", "share_of_errors"], pairs),
+        "test confusions",
+    )
+    write_text_atomic(
+        Path(run_dir) / CLASSES_FILE,
+        csv_text(["class", "queries", "errors", "accuracy"], rows),
+        "test classes",
+    )
+    record = {
+        "file": CONFUSIONS_FILE,
+        "classes_file": CLASSES_FILE,
+        "queries": sum(queries.values()),
+        "errors": n_errors,
+        "top": [
+            {"true": t, "predicted": p, "count": c, "share_of_errors": share}
+            for t, p, c, share in pairs[:TOP_CONFUSIONS]
+        ],
+    }
+    return record, pairs
+
+
+def pairs_rows(pairs: list[list]) -> list[list]:
+    return [row[:3] for row in pairs]
+
+
+def csv_text(header: list[str], rows: list[list]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def log_confusions(record: dict) -> None:
+    if not record["top"]:
+        return
+    log.info(
+        "most frequent confusions (true -> predicted, of %d wrong queries): %s",
+        record["errors"],
+        "; ".join(f"{c['true']} -> {c['predicted']} ({c['count']})" for c in record["top"][:3]),
+    )
 
 
 def results_record(cfg: DictConfig, result: dict, **extra) -> dict:
@@ -158,9 +224,17 @@ def score(
         if val_assignment(cfg) != eval_assignment(cfg):
             extra["val_assignment"] = val_assignment(cfg)
     record = write_episode_scores(run_dir, cfg, result)
+    if "confusions" in result:
+        confusions, pairs = write_confusions(run_dir, getattr(episodes, "store", None), result)
+        extra = {**extra, "confusions": confusions}
     report = learner.test_report(episodes, cfg.eval.batch)
     results = results_record(cfg, result, **extra, **report, test_episodes=record)
     write_results(run_dir, results)
     logger.episode_table(metric, result["scores"])
+    if "confusions" in result:
+        log_confusions(results["confusions"])
+        logger.table(
+            "test/confusions", ["true_class", "predicted_class", "count"], pairs_rows(pairs)
+        )
     logger.summary({**dashboard_summary(results, metric), **learner.test_summary(report)})
     return results
