@@ -78,7 +78,10 @@ def write_confusions(run_dir: Path, store, result: dict) -> tuple[dict, list[lis
 
     queries, errors = result["class_queries"], result["class_errors"]
     n_errors = sum(errors.values())
-    pairs = [[name(t), name(p), count, round(count / n_errors, 4)] for t, p, count in result["confusions"]]
+    pairs = [
+        [name(t), name(p), count, round(count / n_errors, 4)]
+        for t, p, count in result["confusions"]
+    ]
     rows = sorted(
         ([name(c), q, errors[c], round(1 - errors[c] / q, 4)] for c, q in queries.items()),
         key=lambda row: (row[3], row[0]),
@@ -212,7 +215,8 @@ def dashboard_summary(results: dict, metric: str) -> dict:
 def score(
     learner, episodes, cfg: DictConfig, run_dir: Path, logger, extra: dict, best_val=None
 ) -> dict:
-    """Evaluate on the fixed test episodes, write test_episodes.csv and results.json (with
+    """Evaluate on the fixed test episodes, write test_episodes.csv, the mistakes by class
+    (classification: write_confusions) and results.json (with
     `extra` and the learner's own test report), and give the dashboard its summary.
     best_val: training's best validation score as higher_is_better gives it (accuracy, or
     minus the MSE), recorded as best_val_acc or best_val_mse, with the validation's
