@@ -35,6 +35,7 @@ from .params import NonNegativeInt, Rotations
 from .store import (
     SPLITS,
     ClassStore,
+    alphabet_of,
     cache_dir,
     cache_key,
     cached_store,
@@ -174,7 +175,7 @@ def omniglot(
         ids = [
             i
             for i, name in enumerate(store.names)
-            if (_alphabet(name) in held_out) == (split == "val")
+            if (alphabet_of(name) in held_out) == (split == "val")
         ]
     return _cut(store, ids, rotations, f"Omniglot {split!r} split (split_by={split_by!r})")
 
@@ -195,7 +196,7 @@ def omniglot_small(
     check_split_args(split, image_size, rotations)
     store = _union(_load(download_root(root), SMALL_ARCHIVES, download, image_size))
     keep = set(SMALL_SPLITS[split])
-    ids = [i for i, name in enumerate(store.names) if _alphabet(name) in keep]
+    ids = [i for i, name in enumerate(store.names) if alphabet_of(name) in keep]
     return _cut(
         store, ids, rotations, f"small Omniglot {split!r} split ({', '.join(sorted(keep))})"
     )
@@ -214,15 +215,11 @@ def _check_choice(what: str, value, choices: Sequence[str]) -> None:
         raise ConfigError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
-def _alphabet(name: str) -> str:
-    return name.split("/", 1)[0]  # class names are "<Alphabet>/<characterNN>"
-
-
 def _check_val_alphabets(val_alphabets: Sequence[str], names: list[str]) -> set[str]:
     """The held-out alphabets as a set; every one must be a background alphabet."""
     if isinstance(val_alphabets, str):  # a lone name, not its characters
         val_alphabets = [val_alphabets]
-    known = sorted({_alphabet(n) for n in names})
+    known = sorted({alphabet_of(n) for n in names})
     unknown = [a for a in val_alphabets if a not in known]
     if unknown:
         raise ConfigError(
@@ -382,12 +379,12 @@ def _check_complete(path: Path, classes: dict[str, list[str]]) -> None:
 def _differences(expected: dict[str, int], classes: dict[str, list[str]]):
     """What is missing from `classes` and what they hold beyond `expected`, as phrases."""
     want = {f"{a}/character{i:02d}" for a, n in expected.items() for i in range(1, n + 1)}
-    alphabets = {_alphabet(c) for c in classes}
+    alphabets = {alphabet_of(c) for c in classes}
     gone = sorted(set(expected) - alphabets)
-    chars = sorted(c for c in want - set(classes) if _alphabet(c) not in gone)
+    chars = sorted(c for c in want - set(classes) if alphabet_of(c) not in gone)
     short = [f"{c} ({len(m)})" for c, m in classes.items() if c in want and len(m) != DRAWINGS]
     foreign = sorted(alphabets - set(expected))
-    extra = sorted(c for c in set(classes) - want if _alphabet(c) in expected)
+    extra = sorted(c for c in set(classes) - want if alphabet_of(c) in expected)
     missing = [
         ("alphabets missing", gone),
         ("characters missing", chars),

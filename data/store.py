@@ -54,6 +54,11 @@ def require_root(root, data: str, holding: str) -> Path:
     return Path(root).expanduser()
 
 
+def alphabet_of(name: str) -> str:
+    """A class name's group: up to its first "/" (Omniglot's "<Alphabet>/<characterNN>")."""
+    return name.split("/", 1)[0]
+
+
 @dataclass
 class ClassStore:
     images: torch.Tensor  # uint8 [N, C, H, W]
@@ -112,7 +117,7 @@ class ClassStore:
     def alphabets(self) -> list[str]:
         """Each base class's group: its name up to the first "/" (Omniglot's class names
         are "<Alphabet>/<characterNN>", so this is the character's alphabet)."""
-        return [name.split("/", 1)[0] for name in self.names]
+        return [alphabet_of(name) for name in self.names]
 
     def class_name(self, class_id: int) -> str:
         """A (possibly rotated) class's name: its base class's name, with the turn when it is
