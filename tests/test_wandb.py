@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
 import json
 from pathlib import Path
@@ -170,6 +171,15 @@ def test_a_sweep_makes_a_dashboard_train_test_and_summary_runs(tmp_path):
             for line in (sweep / job / "test_episodes.csv").read_text().splitlines()[1:]
         ]
         assert data["columns"] == ["episode", "acc"] and [row[1] for row in data["data"]] == scores
+        # the test's mistakes by class: every confused pair of test_confusions.csv
+        (table,) = files.glob("offline-run-*/files/media/table/test/confusions_*.table.json")
+        data = json.loads(table.read_text())
+        with open(sweep / job / "test_confusions.csv") as f:
+            pairs = [
+                [r["true_class"], r["predicted_class"], int(r["count"])] for r in csv.DictReader(f)
+            ]
+        assert data["columns"] == ["true_class", "predicted_class", "count"]
+        assert data["data"] == pairs and pairs
         train_ids.append(run.run_id)
     # the sweep's summary run: the table and the report's figures
     records = records_of(sweep)
