@@ -10,6 +10,7 @@ import torch
 
 from metarun.data.images import list_folders, list_images, to_float
 from metarun.errors import ConfigError
+from metarun.runners.evaluate import ASSIGNMENTS, balanced_labels
 
 log = logging.getLogger("metarun")
 
@@ -31,8 +32,18 @@ def read_support(folder: Path, preprocess) -> tuple[torch.Tensor, torch.Tensor, 
     return torch.stack(xs), torch.tensor(ys), [c.name for c in classes]
 
 
-def predict_folder(learner, support: str | Path, query: str | Path, out_csv: Path) -> list[dict]:
-    """Predict every query image; write and return rows (file, predicted class, score)."""
+def predict_folder(
+    learner,
+    support: str | Path,
+    query: str | Path,
+    out_csv: Path,
+    assignment: str = "independent",
+) -> list[dict]:
+    """Predict every query image; write and return rows (file, predicted class, score).
+    assignment (eval.assignment): "independent" gives each query its most likely class;
+    "balanced" labels the queries together, each class the same number of them (the query
+    folder must hold a multiple of the number of classes, e.g. one drawing of each, as in
+    Lake's one-shot runs); a row's score is its class's softmax probability either way."""
     support, query = Path(support).expanduser(), Path(query).expanduser()
     for name, folder in (("support", support), ("query", query)):
         if not folder.is_dir():
@@ -50,7 +61,21 @@ def predict_folder(learner, support: str | Path, query: str | Path, out_csv: Pat
             to_float(query_x)[None].to(device),
             len(names),
         )[0]  # [nq, way]
-    scores, labels = learner.confidence(logits).max(-1)
+    if assignment not in ASSIGNMENTS:
+        raise ConfigError(f"eval.assignment={assignment!r}; choose {' or '.join(ASSIGNMENTS)}")
+    confidence = learner.confidence(logits)
+    if assignment == "balanced":
+        way, n = len(names), len(query_files)
+        if n % way:
+            raise ConfigError(
+                f"eval.assignment=balanced gives every class the same number of queries, but "
+                f"query={query} holds {n} images for {way} classes; give it a multiple of {way} "
+                "(e.g. one image of each class), or use eval.assignment=independent"
+            )
+        labels = balanced_labels(logits[None], n // way)[0]
+        scores = confidence.gather(-1, labels[:, None])[:, 0]
+    else:
+        scores, labels = confidence.max(-1)
     rows = [
         {"query": f.name, "prediction": names[int(k)], "score": round(float(s), 6)}
         for f, k, s in zip(query_files, labels, scores)

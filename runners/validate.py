@@ -235,7 +235,16 @@ def flat(node: dict, prefix: str = "") -> dict:
 
 
 # what mode=predict reads (its query= is a folder of images, not a count)
-PREDICT_KEYS = ("mode", "ckpt", "support", "device", "tf32", "trust_checkpoint", "paths.")
+PREDICT_KEYS = (
+    "mode",
+    "ckpt",
+    "support",
+    "device",
+    "tf32",
+    "trust_checkpoint",
+    "paths.",
+    "eval.assignment",
+)
 
 
 def check_knobs(plain: dict, mode: str) -> list[str]:

@@ -130,6 +130,61 @@ def test_mode_predict_writes_predictions(trained_run, tmp_path):
     assert "predictions" in proc.stdout
 
 
+def test_mode_predict_assigns_the_queries_together_when_asked(trained_run, tmp_path):
+    """eval.assignment=balanced: one image of each class in the query folder gets each class
+    once, and each row's score is its class's probability, as with the default."""
+    classes = [0, 1, 2, 3, 4, 5]
+    export_glyphs(tmp_path / "support", classes, 1)
+    export_glyphs(tmp_path / "query", classes, 1, offset=5)
+    common = [
+        f"ckpt={trained_run / 'checkpoints' / 'best.pt'}",
+        f"support={tmp_path / 'support'}",
+        f"query={tmp_path / 'query'}",
+        "logger=none",
+    ]
+    rows = {}
+    for assignment in ("independent", "balanced"):
+        out = tmp_path / assignment
+        run_cli(
+            "mode=predict",
+            *common,
+            f"eval.assignment={assignment}",
+            f"hydra.run.dir={out}",
+            cwd=tmp_path,
+        )
+        rows[assignment] = {r["query"]: r for r in csv.DictReader(open(out / "predictions.csv"))}
+    balanced = [r["prediction"] for r in rows["balanced"].values()]
+    assert sorted(balanced) == sorted(f"glyph{c}" for c in classes)
+    for query, row in rows["balanced"].items():
+        other = rows["independent"][query]
+        if row["prediction"] == other["prediction"]:
+            assert row["score"] == other["score"]
+        else:  # a less likely class than the query's own best
+            assert float(row["score"]) < float(other["score"])
+    # a query folder that cannot be shared out evenly: refused, nothing written
+    export_glyphs(tmp_path / "query", [0], 2, offset=6)  # 7 images for 6 classes
+    out = tmp_path / "uneven"
+    proc = run_cli(
+        "mode=predict",
+        *common,
+        "eval.assignment=balanced",
+        f"hydra.run.dir={out}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode != 0 and "multiple of 6" in proc.stderr
+    assert not (out / "predictions.csv").exists()
+    proc = run_cli(
+        "mode=predict",
+        *common,
+        "eval.assignment=together",
+        f"hydra.run.dir={tmp_path / 'unknown'}",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode != 0 and "eval.assignment" in proc.stderr
+
+
 def test_python_api_load_and_predict(trained_run, tmp_path):
     learner = metarun.load(trained_run / "checkpoints" / "best.pt")
     # the preprocessing turns a user's PNG into exactly the stored tensor
