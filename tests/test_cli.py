@@ -136,23 +136,25 @@ def test_mode_predict_assigns_the_queries_together_when_asked(trained_run, tmp_p
     classes = [0, 1, 2, 3, 4, 5]
     export_glyphs(tmp_path / "support", classes, 1)
     export_glyphs(tmp_path / "query", classes, 1, offset=5)
-    common = [
-        f"ckpt={trained_run / 'checkpoints' / 'best.pt'}",
-        f"support={tmp_path / 'support'}",
-        f"query={tmp_path / 'query'}",
-        "logger=none",
-    ]
+
+    def predict(assignment: str, folder: str, check: bool = True):
+        return run_cli(
+            "mode=predict",
+            f"ckpt={trained_run / 'checkpoints' / 'best.pt'}",
+            f"support={tmp_path / 'support'}",
+            f"query={tmp_path / 'query'}",
+            "logger=none",
+            f"eval.assignment={assignment}",
+            f"hydra.run.dir={tmp_path / folder}",
+            cwd=tmp_path,
+            check=check,
+        )
+
     rows = {}
     for assignment in ("independent", "balanced"):
-        out = tmp_path / assignment
-        run_cli(
-            "mode=predict",
-            *common,
-            f"eval.assignment={assignment}",
-            f"hydra.run.dir={out}",
-            cwd=tmp_path,
-        )
-        rows[assignment] = {r["query"]: r for r in csv.DictReader(open(out / "predictions.csv"))}
+        predict(assignment, assignment)
+        with open(tmp_path / assignment / "predictions.csv") as f:
+            rows[assignment] = {r["query"]: r for r in csv.DictReader(f)}
     balanced = [r["prediction"] for r in rows["balanced"].values()]
     assert sorted(balanced) == sorted(f"glyph{c}" for c in classes)
     for query, row in rows["balanced"].items():
@@ -162,26 +164,11 @@ def test_mode_predict_assigns_the_queries_together_when_asked(trained_run, tmp_p
         else:  # a less likely class than the query's own best
             assert float(row["score"]) < float(other["score"])
     # a query folder that cannot be shared out evenly: refused, nothing written
-    export_glyphs(tmp_path / "query", [0], 2, offset=6)  # 7 images for 6 classes
-    out = tmp_path / "uneven"
-    proc = run_cli(
-        "mode=predict",
-        *common,
-        "eval.assignment=balanced",
-        f"hydra.run.dir={out}",
-        cwd=tmp_path,
-        check=False,
-    )
+    export_glyphs(tmp_path / "query", [0], 2, offset=6)  # adds c0_1.png: 7 images, 6 classes
+    proc = predict("balanced", "uneven", check=False)
     assert proc.returncode != 0 and "multiple of 6" in proc.stderr
-    assert not (out / "predictions.csv").exists()
-    proc = run_cli(
-        "mode=predict",
-        *common,
-        "eval.assignment=together",
-        f"hydra.run.dir={tmp_path / 'unknown'}",
-        cwd=tmp_path,
-        check=False,
-    )
+    assert not (tmp_path / "uneven" / "predictions.csv").exists()
+    proc = predict("together", "unknown", check=False)
     assert proc.returncode != 0 and "eval.assignment" in proc.stderr
 
 
