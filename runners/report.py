@@ -818,6 +818,7 @@ def build(runs: list[Run], sweeps: list[Path], out: Path) -> list[tuple]:
             ("p", f"Not paired (different test episodes, or no per-episode scores): {text}.")
         )
 
+    blocks += mistakes_blocks(runs)
     figures = [
         ("Learning curves", curves_figure(groups, out / "curves.png", metric)),
         ("Test score per job", test_figure(groups, out / "test.png", metric)),
@@ -833,6 +834,30 @@ def build(runs: list[Run], sweeps: list[Path], out: Path) -> list[tuple]:
     blocks.append(("h", 2, "Figures"))
     blocks += [("img", title, path) for title, path in figures if path is not None]
     return blocks
+
+
+def mistakes_blocks(runs: list[Run]) -> list[tuple]:
+    """Each classification job's most frequent confusions, from its results.json (the whole
+    lists are its test_confusions.csv and test_classes.csv)."""
+    rows = []
+    for r in runs:
+        record = r.results.get("confusions") if r.status == "ok" else None
+        if not record or not record.get("top"):
+            continue
+        top = "; ".join(f"{c['true']} → {c['predicted']} ({c['count']})" for c in record["top"][:3])
+        rows.append([r.name, f"{record['errors']} of {record['queries']}", top])
+    if not rows:
+        return []
+    return [
+        ("h", 2, "Most frequent mistakes"),
+        (
+            "p",
+            "Each job's test queries taken for another class: the three most frequent pairs "
+            "(true → predicted, count). Every pair is in the job's test_confusions.csv, every "
+            "class's errors in its test_classes.csv.",
+        ),
+        ("table", ["job", "wrong queries", "most frequent (true → predicted, count)"], rows),
+    ]
 
 
 def markdown(blocks: list[tuple], out: Path) -> str:

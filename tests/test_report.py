@@ -150,6 +150,13 @@ def test_a_sweep_ends_with_a_report_that_reads_back(tmp_path):
     assert md.count("90.00% ± 1.00% (Someone 2020, Table 1)") == 4
     assert (sweep / "summary.md").read_text().count("| 90.00% ± 1.00% |") == 4
     assert r["paper"] == {"acc": 0.9, "ci95": 0.01, "citation": "Someone 2020, Table 1"}
+    # each job's most frequent confusion, as its results.json quotes it
+    assert "## Most frequent mistakes" in md
+    for job in range(4):
+        confusions = json.loads((sweep / str(job) / "results.json").read_text())["confusions"]
+        first = confusions["top"][0]
+        assert f"{confusions['errors']} of {confusions['queries']}" in md
+        assert f"{first['true']} → {first['predicted']} ({first['count']})" in md
     for name in ("curves", "test", "seeds", "paired"):
         with Image.open(sweep / f"{name}.png") as image:
             image.load()
