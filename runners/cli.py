@@ -189,8 +189,7 @@ def predict(cfg: DictConfig, run_dir: Path) -> list[dict]:
         cfg.ckpt, device=resolve_device(cfg.device), trust=cfg.get("trust_checkpoint", False)
     )
     out = run_dir / "predictions.csv"
-    assignment = cfg.get("eval", {}).get("assignment", "independent")
-    rows = predict_folder(learner, cfg.support, cfg.query, out, assignment)
+    rows = predict_folder(learner, cfg.support, cfg.query, out, cfg.eval.assignment)
     print_predictions(rows, out)
     if cfg.logger.get("name") == "wandb":
         stored = OmegaConf.merge(learner.config, {"logger": cfg.logger, "mode": "predict"})

@@ -50,13 +50,18 @@ def balanced_labels(logits: torch.Tensor, query: int) -> torch.Tensor:
     return torch.from_numpy(labels).to(logits.device)
 
 
+def check_assignment(assignment: str) -> None:
+    """A known eval.assignment (ASSIGNMENTS), for the Python callers the config check misses."""
+    if assignment not in ASSIGNMENTS:
+        raise ConfigError(f"eval.assignment={assignment!r}; choose {' or '.join(ASSIGNMENTS)}")
+
+
 def assign(logits: torch.Tensor, way: int, query: int, assignment: str) -> torch.Tensor:
     """The scores each query is labelled by (its largest one): the logits themselves
     ("independent"), or for "balanced" a one-hot of balanced_labels."""
     if assignment == "independent":
         return logits
-    if assignment not in ASSIGNMENTS:
-        raise ConfigError(f"eval.assignment={assignment!r}; choose {' or '.join(ASSIGNMENTS)}")
+    check_assignment(assignment)
     if logits.dim() != 3 or logits.shape[-2:] != (way * query, way):
         raise ConfigError(
             f"eval.assignment=balanced needs {query} queries of each of the {way} classes and "
@@ -105,6 +110,7 @@ def evaluate(
     assignment: str = "independent",
     tta: int = 1,
     seed: int = 0,
+    confusions: bool = False,
 ) -> dict:
     """Score of `learner` on every fixed episode: mean and 95% CI.
 
@@ -118,6 +124,8 @@ def evaluate(
     tta: views per image (eval.tta): 1 scores the images as they are; more adds tta - 1
     small affine maps drawn from `seed` (eval.seed) and averages the class log-probabilities
     over the views (predict_views); classification of images only.
+    confusions: also count the queries' mistakes by class (confusion_counts; classification),
+    as the test records them; validation has no use for them.
     """
     if tta < 1:
         raise ConfigError(f"eval.tta={tta}; it counts views per image: 1 (off) or more")
@@ -142,7 +150,7 @@ def evaluate(
                 )
             logits = assign(logits, batch.way, episodes.query, assignment)
         scores.append(task_scores(logits, batch.query_y))  # [b]
-        if not is_regression(batch.query_y) and getattr(batch, "classes", None) is not None:
+        if confusions and not is_regression(batch.query_y):
             true, predicted = query_classes(logits, batch)
             queried.append(true.flatten())
             miss = true != predicted
@@ -223,11 +231,16 @@ def eval_tta(cfg: DictConfig) -> int:
 
 
 def evaluate_as(
-    cfg: DictConfig, learner: MetaLearner, episodes: FixedEpisodes, assignment: str | None = None
+    cfg: DictConfig,
+    learner: MetaLearner,
+    episodes: FixedEpisodes,
+    assignment: str | None = None,
+    confusions: bool = False,
 ) -> dict:
     """evaluate with the run's evaluation settings (eval.batch, eval.assignment, eval.tta,
     eval.seed): how validation and test score a run. assignment: another assignment than
-    eval.assignment (validation's, val_assignment)."""
+    eval.assignment (validation's, val_assignment); confusions: the test's mistakes by
+    class."""
     return evaluate(
         learner,
         episodes,
@@ -235,4 +248,5 @@ def evaluate_as(
         assignment or eval_assignment(cfg),
         eval_tta(cfg),
         cfg.eval.seed,
+        confusions,
     )

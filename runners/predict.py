@@ -10,7 +10,7 @@ import torch
 
 from metarun.data.images import list_folders, list_images, to_float
 from metarun.errors import ConfigError
-from metarun.runners.evaluate import ASSIGNMENTS, balanced_labels
+from metarun.runners.evaluate import balanced_labels, check_assignment
 
 log = logging.getLogger("metarun")
 
@@ -61,8 +61,7 @@ def predict_folder(
             to_float(query_x)[None].to(device),
             len(names),
         )[0]  # [nq, way]
-    if assignment not in ASSIGNMENTS:
-        raise ConfigError(f"eval.assignment={assignment!r}; choose {' or '.join(ASSIGNMENTS)}")
+    check_assignment(assignment)
     confidence = learner.confidence(logits)
     if assignment == "balanced":
         way, n = len(names), len(query_files)

@@ -73,9 +73,7 @@ def write_confusions(run_dir: Path, store, result: dict) -> tuple[dict, list[lis
     errors and accuracy, hardest first), named by the data set's class names; returns
     results.json's entry, with the most frequent confusions, and every pair's row."""
 
-    def name(class_id: int) -> str:
-        return store.class_name(class_id) if hasattr(store, "class_name") else str(class_id)
-
+    name = store.class_name
     queries, errors = result["class_queries"], result["class_errors"]
     n_errors = sum(errors.values())
     pairs = [
@@ -107,10 +105,6 @@ def write_confusions(run_dir: Path, store, result: dict) -> tuple[dict, list[lis
         ],
     }
     return record, pairs
-
-
-def pairs_rows(pairs: list[list]) -> list[list]:
-    return [row[:3] for row in pairs]
 
 
 def csv_text(header: list[str], rows: list[list]) -> str:
@@ -221,7 +215,7 @@ def score(
     best_val: training's best validation score as higher_is_better gives it (accuracy, or
     minus the MSE), recorded as best_val_acc or best_val_mse, with the validation's
     assignment (val_assignment) when it is not the test's."""
-    result = evaluate_as(cfg, learner, episodes)
+    result = evaluate_as(cfg, learner, episodes, confusions=True)
     metric = result["metric"]
     if best_val is not None:
         extra = {**extra, f"best_val_{metric}": best_val if metric == "acc" else -best_val}
@@ -229,7 +223,7 @@ def score(
             extra["val_assignment"] = val_assignment(cfg)
     record = write_episode_scores(run_dir, cfg, result)
     if "confusions" in result:
-        confusions, pairs = write_confusions(run_dir, getattr(episodes, "store", None), result)
+        confusions, pairs = write_confusions(run_dir, episodes.store, result)
         extra = {**extra, "confusions": confusions}
     report = learner.test_report(episodes, cfg.eval.batch)
     results = results_record(cfg, result, **extra, **report, test_episodes=record)
@@ -238,7 +232,9 @@ def score(
     if "confusions" in result:
         log_confusions(results["confusions"])
         logger.table(
-            "test/confusions", ["true_class", "predicted_class", "count"], pairs_rows(pairs)
+            "test/confusions",
+            ["true_class", "predicted_class", "count"],
+            [row[:3] for row in pairs],
         )
     logger.summary({**dashboard_summary(results, metric), **learner.test_summary(report)})
     return results

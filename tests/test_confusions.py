@@ -57,7 +57,7 @@ def expected_mistakes(episodes: FixedEpisodes) -> tuple[int, int]:
 
 def test_evaluate_counts_each_class_and_each_confused_pair():
     episodes = FixedEpisodes(tagged_store(), 40, 3, 1, 2, seed=0)
-    result = evaluate(MistakesTwoForThree(), episodes)
+    result = evaluate(MistakesTwoForThree(), episodes, confusions=True)
     wrong, queries = expected_mistakes(episodes)
     assert 0 < wrong < queries  # the seed gives episodes with and without the pair
     assert result["confusions"] == [[2, 3, wrong]]
@@ -68,6 +68,9 @@ def test_evaluate_counts_each_class_and_each_confused_pair():
     appearances = torch.bincount(episodes.classes.flatten(), minlength=6) * episodes.query
     assert result["class_queries"] == {c: int(n) for c, n in enumerate(appearances) if n}
     assert abs(result["acc"] - (1 - wrong / queries)) < 1e-6
+    # validation asks for the score only: no counting by class
+    plain = evaluate(MistakesTwoForThree(), episodes)
+    assert "confusions" not in plain and plain["acc"] == result["acc"]
 
 
 def test_confusion_counts_orders_pairs_by_frequency_then_ids():
@@ -93,7 +96,7 @@ def test_class_names_say_the_rotation():
 def test_files_name_the_classes_and_agree_with_the_counts(tmp_path):
     store = tagged_store()
     episodes = FixedEpisodes(store, 30, 4, 1, 3, seed=1)
-    result = evaluate(MistakesTwoForThree(), episodes)
+    result = evaluate(MistakesTwoForThree(), episodes, confusions=True)
     record, pairs = write_confusions(tmp_path, store, result)
     with open(tmp_path / record["file"]) as f:
         confusions = list(csv.DictReader(f))
@@ -138,7 +141,7 @@ def test_regression_has_no_confusions():
         def predict(self, support_x, support_y, query_x, way=None):
             return torch.zeros(*query_x.shape[:2], 1)
 
-    result = evaluate(Zero(), sinusoid("test").fixed_episodes(4, 1, 5, 5, seed=0))
+    result = evaluate(Zero(), sinusoid("test").fixed_episodes(4, 1, 5, 5, seed=0), confusions=True)
     assert "confusions" not in result and "class_queries" not in result
 
 
