@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.data.augment import random_affine
-from metarun.data.images import Preprocess
+from metarun.data.images import Preprocess, to_float
 from metarun.data.omniglot import omniglot_small
 
 PAIRS = "character04:character20,character03:character17,character13:character14"
@@ -100,13 +100,13 @@ def main() -> None:
         rotations=1,
         images=Preprocess(size=args.size, channels=1, invert=True),
     )
-    characters = sum(name.startswith(args.alphabet + "/") for name in store.names)
+    characters = store.alphabets.count(args.alphabet)
 
     def drawings(character: str) -> torch.Tensor:
         class_id = store.names.index(f"{args.alphabet}/{character}")
         start = int(store.offsets[class_id])
         order = store.drawers[start : start + int(store.counts[class_id])].argsort()
-        return store.class_images(class_id)[order].float() / 255
+        return to_float(store.class_images(class_id)[order])
 
     print(f"{args.alphabet}: {characters} characters; {args.size}x{args.size} images")
     for pair in args.pairs.split(","):
