@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metarun.algorithms import second_order
 from metarun.data.episodes import Episodes
 from metarun.errors import ConfigError
 
@@ -314,8 +315,9 @@ class BatchStatisticsNorm(nn.Module):
 
     y = (x - mean) / sqrt(var + eps) * weight + bias, with the mean and biased variance
     over every dimension but the channels (dim 1). Outside torch.func transforms this
-    is F.batch_norm (the fused kernel: measured 1.4x faster for a MAML step on the CPU).
-    Inside them (MAML's vmap over tasks) it is written out in plain tensor operations:
+    is F.batch_norm (the fused kernel: measured 1.4x faster for a MAML step on the CPU),
+    or on the CPU metarun's own kernel with a cheaper second derivative
+    (algorithms/second_order.py; the same forward values). Inside them (MAML's vmap over tasks) it is written out in plain tensor operations:
     under torch.func.vmap, PyTorch 2.13's second derivative of F.batch_norm with per-task
     weights came out wrong (checked against finite differences), the written-out form
     right. Parameters `weight` and `bias` keep batch norm's names, so state dicts match.
@@ -328,7 +330,7 @@ class BatchStatisticsNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch._C._functorch.is_functorch_wrapped_tensor(x):
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+            return second_order.batch_norm(x, self.weight, self.bias, self.eps)
         dims = [0, *range(2, x.dim())]
         var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
         y = (x - mean) * torch.rsqrt(var + self.eps)
@@ -366,6 +368,7 @@ class HeadLearner(MetaLearner):
         self.way = way
         if batch_statistics:
             use_batch_statistics(backbone)
+        second_order.use_fused_convolutions(backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] -> logits [N, way] with the module's own (initial) weights."""

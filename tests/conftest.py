@@ -112,8 +112,12 @@ FAST = [
 def _isolated_env(tmp_path_factory):
     """One decode cache per test session (never ~/.cache), and wandb off by default."""
     cache = tmp_path_factory.mktemp("cache")
-    old = {k: os.environ.get(k) for k in ("METARUN_CACHE", "WANDB_MODE", "METARUN_DATA")}
+    keys = ("METARUN_CACHE", "WANDB_MODE", "METARUN_DATA", "METARUN_KERNEL_CACHE")
+    old = {k: os.environ.get(k) for k in keys}
     os.environ["METARUN_CACHE"] = str(cache)
+    # the fused second-order kernels are compiled code, not data: build them once per torch
+    # version, where a user's first run would, instead of once per test session
+    os.environ.setdefault("METARUN_KERNEL_CACHE", str(Path.home() / ".cache/metarun/kernels"))
     os.environ["WANDB_MODE"] = "disabled"
     os.environ.pop("METARUN_DATA", None)
     yield
