@@ -67,7 +67,7 @@ from torch import nn
 
 from benchmarks.bench_maml import CONFIGS, INNER_LR, episodes, strided_conv4
 from benchmarks.timing import interleaved, ms_per_call
-from metarun.algorithms import MAML
+from metarun.algorithms import MAML, second_order
 from metarun.data import Episodes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,6 +262,7 @@ def measure(name: str, device: torch.device, quick: bool) -> dict:
         "ratio": ours / theirs,
         "spread": [min(paired), max(paired)],
         "source": SOURCE,
+        "fused_kernels": second_order.extension() is not None,
         "parameters": sum(p.numel() for p in learner.parameters()),
         "same_network": same,
         "blocks": repeats,
@@ -292,6 +293,8 @@ def scaling(name: str, rounds: int = 4) -> dict:
                 f"learn2learn@{n}": lambda: l2l_step(maml, optimizer, ep, steps),
                 f"metarun_loop@{n}": lambda: loop.meta_train_step(ep),
             }
+            if n == 1:  # what metarun's fused second-order kernels bring, one thread
+                sides["metarun_loop_unfused@1"] = lambda: unfused(loop.meta_train_step, ep)
             if n > 1:
                 sides[f"metarun_auto@{n}"] = lambda: learner.meta_train_step(ep)
             for step in sides.values():  # warm-up
@@ -306,6 +309,11 @@ def scaling(name: str, rounds: int = 4) -> dict:
     return out
 
 
+def unfused(step, ep) -> None:
+    with second_order.turned_off():
+        step(ep)
+
+
 def print_scaling(r: dict) -> None:
     n = r["threads"]
     l1, o1 = r["learn2learn@1"], r["metarun_loop@1"]
@@ -315,6 +323,11 @@ def print_scaling(r: dict) -> None:
         f"({o1 / l1:.2f}x); {n} threads: learn2learn {ln:.3f} ({ln / l1:.2f}x its 1-thread "
         f"speed), metarun loop {on:.3f} ({on / o1:.2f}x), metarun auto {an:.3f} "
         f"({an / o1:.2f}x the 1-thread loop; {an / ln:.2f}x learn2learn)"
+    )
+    u1 = r["metarun_loop_unfused@1"]
+    print(
+        f"    metarun loop with PyTorch's own second derivatives, 1 thread: {u1:.3f} it/s "
+        f"({u1 / l1:.2f}x learn2learn; the fused kernels {o1 / u1:.2f}x)"
     )
 
 
@@ -433,6 +446,10 @@ def print_record(r: dict) -> None:
         f"    metarun ({r['auto_picks']}) {r['metarun']:.2f} it/s, learn2learn "
         f"{r['baseline']:.2f} it/s: {r['ratio']:.2f}x (paired blocks "
         f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f}x, {r['blocks']} blocks of ~{r['block_s']:.0f} s)"
+    )
+    print(
+        "    metarun's fused second-order kernels: "
+        + ("on" if r["fused_kernels"] else "NOT BUILT (PyTorch's own second derivatives)")
     )
     print(
         f"    same network: {r['parameters']:,} parameters each; with learn2learn's weights, "

@@ -8,7 +8,9 @@ Sides, each a full meta-training step (inner loop, query loss, backward, Adam st
   metarun  MAML(batched="auto") as the runner uses it, and its three formulations,
            batched="loop" (task after task), batched="vmap" (torch.func.vmap over tasks)
            and batched="threads" (groups of tasks on worker threads, one intra-op thread
-           each; the CPU's choice for convolutional networks)
+           each; the CPU's choice for convolutional networks); and `auto` again with
+           PyTorch's own second derivatives instead of metarun's fused kernels
+           (algorithms/second_order.py), to show what those bring
   baseline the learn2learn way, written here since learn2learn does not install beside this
            torch: per task, clone the module (parameters cloned, differentiable), adapt by
            writing p - lr * grad (create_graph=True) into the clone's parameters, then the
@@ -47,7 +49,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from benchmarks.timing import ms_per_call, synchronize
-from metarun.algorithms import IMAML, MAML, conv4
+from metarun.algorithms import IMAML, MAML, conv4, second_order
 from metarun.data import Episodes
 
 # name: (way, shot, query per class, meta-batch, inner steps, learn2learn reference it/s)
@@ -137,6 +139,14 @@ def sides(way, steps, device):
         learner.batched = batched
         learner.to(device).configure_optimizer(functools.partial(torch.optim.Adam, lr=1e-3))
         out[batched] = (learner, lambda ep, m=learner: m.meta_train_step(ep))
+    unfused = copy.deepcopy(reference)  # auto with PyTorch's own second derivatives
+    unfused.to(device).configure_optimizer(functools.partial(torch.optim.Adam, lr=1e-3))
+
+    def unfused_step(ep, m=unfused):
+        with second_order.turned_off():
+            m.meta_train_step(ep)
+
+    out["unfused"] = (unfused, unfused_step)
     model = Model(way)
     with torch.no_grad():  # the same weights; module indices differ (no ChannelsLast layer)
         for p, q in zip(model.parameters(), reference.parameters(), strict=True):
@@ -170,10 +180,12 @@ def gradient_agreement(runs: dict, ep: Episodes, steps: int) -> dict:
             ep.support_x.to(dtype), ep.support_y, ep.query_x.to(dtype), ep.query_y, ep.classes
         )
         grads = {k: meta_gradients(m, e, steps, dtype) for k, (m, _) in runs.items()}
+        with second_order.turned_off():
+            grads["unfused"] = meta_gradients(runs["unfused"][0], e, steps, dtype)
         key = "float32" if dtype == torch.float32 else "float64"
         out[key] = {
             k: max_relative_difference(grads[k], grads["baseline"])
-            for k in ("loop", "vmap", "threads")
+            for k in ("loop", "vmap", "threads", "unfused")
         }
     return out
 
@@ -210,6 +222,9 @@ def measure_speed(name: str, device: torch.device, quick: bool) -> dict:
         "loop": its["loop"],
         "vmap": its["vmap"],
         "threads": its["threads"],
+        "unfused": its["unfused"],
+        "fused_kernels": second_order.extension() is not None,
+        "fused_x": its["auto"] / its["unfused"],
         "baseline": its["baseline"],
         "ratio": its["auto"] / its["baseline"],
         "l2l_reference": reference,
@@ -317,6 +332,11 @@ def print_speed(r: dict) -> None:
         f"    metarun (auto = {r['auto_picks']}) {r['metarun']:.2f} it/s; loop {r['loop']:.2f}, "
         f"vmap {r['vmap']:.2f}, threads {r['threads']:.2f}; learn2learn-style baseline "
         f"{r['baseline']:.2f} it/s"
+    )
+    kernels = "fused second-order kernels" if r["fused_kernels"] else "fused kernels NOT BUILT"
+    print(
+        f"    auto with PyTorch's own second derivatives {r['unfused']:.2f} it/s: "
+        f"{kernels} {r['fused_x']:.2f}x"
     )
     print(
         f"    {r['ratio']:.2f}x the baseline; {r['x_vs_l2l_reference']:.2f}x the learn2learn "

@@ -10,9 +10,15 @@ Settings of the omniglot_small presets (strided conv4, 28x28 random episodes):
   (experiment=imaml_omniglot_small_5w1s); imaml predict: 5-way 1-shot 15-query, 16 inner
   steps, 8 tasks per call.
 
+imaml_step_kernels: the imaml step with worker threads on both sides, metarun's fused
+second-order kernels (algorithms/second_order.py) against PyTorch's own second
+derivatives, for iMAML's Hessian-vector products.
+
 Both sides start from the same weights; the record holds the largest relative
 difference of the weights after one step (or of the predictions), which float rounding
-alone explains (one intra-op thread against several per op).
+alone explains (one intra-op thread against several per op); for the steps also the same
+difference with both sides in float64, where rounding is out of the way (in float32
+iMAML's conjugate gradient amplifies it to a few percent of the step).
 
 Run: python -m benchmarks.bench_threads [--quick]
 """
@@ -28,7 +34,8 @@ import torch
 
 from benchmarks.bench_maml import episodes, strided_conv4
 from benchmarks.timing import interleaved
-from metarun.algorithms import IMAML, Reptile
+from metarun.algorithms import IMAML, Reptile, second_order
+from metarun.data import Episodes
 
 REPEATS, BLOCK_S = 7, 1.0
 
@@ -64,10 +71,29 @@ def difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(a, b))
 
 
-def after_one_step(loop, threads, ep) -> float:
+def unfused(call):
+    """`call` with PyTorch's own second derivatives instead of metarun's fused kernels."""
+
+    def wrapped():
+        with second_order.turned_off():
+            call()
+
+    return wrapped
+
+
+def after_one_step(loop, threads, ep, wrap=lambda call: call, dtype=torch.float32) -> float:
+    """Largest relative difference of the weights after one step, computed in `dtype`;
+    `wrap` wraps the first (loop) side's step."""
+    ep = Episodes(
+        ep.support_x.to(dtype), ep.support_y, ep.query_x.to(dtype), ep.query_y, ep.classes
+    )
     out = []
-    for learner in (copy.deepcopy(loop), copy.deepcopy(threads)):
-        step(learner, ep)()
+    for learner, w in ((copy.deepcopy(loop), wrap), (copy.deepcopy(threads), lambda c: c)):
+        learner.to(dtype)
+        learner.optimizer = type(learner.optimizer)(
+            learner.parameters(), **learner.optimizer.defaults
+        )
+        w(step(learner, ep))()
         out.append([p.detach() for p in learner.parameters()])
     return difference(*out)
 
@@ -95,13 +121,20 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         ("reptile_predict", "5w1s 15q, 8 tasks, 10 steps", reptile, episodes(5, 1, 15, 8, "cpu"), "predict"),
         ("imaml_step", "5w1s 5q, meta-batch 4, 8 steps, 3 CG", imaml, episodes(5, 1, 5, 4, "cpu"), "step"),
         ("imaml_predict", "5w1s 15q, 8 tasks, 16 steps", imaml, episodes(5, 1, 15, 8, "cpu"), "predict"),
+        ("imaml_step_kernels", "imaml step; fused kernels vs PyTorch's", imaml, episodes(5, 1, 5, 4, "cpu"), "kernels"),
     )  # fmt: skip
     records = []
     for name, config, make, ep, kind in cases:
         loop, threads = pair(make)
-        if kind == "step":
+        if kind == "kernels":  # both threaded: metarun's fused kernels against PyTorch's
+            loop.batched = "threads"
+            a, b = step(threads, ep), unfused(step(loop, ep))
+            diff = after_one_step(loop, threads, ep, unfused)
+            diff64 = after_one_step(loop, threads, ep, unfused, torch.float64)
+        elif kind == "step":
             a, b = step(threads, ep), step(loop, ep)
             diff = after_one_step(loop, threads, ep)
+            diff64 = after_one_step(loop, threads, ep, dtype=torch.float64)
         else:
             a, b = predict(threads, ep), predict(loop, ep)
             with torch.no_grad():
@@ -110,6 +143,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                     for m in (loop, threads)
                 ]
             diff = difference([out[1]], [out[0]])
+            diff64 = None
         ours, base = interleaved(a, b, repeats, block, 1, dev)
         m, loop_ms = statistics.median(ours), statistics.median(base)
         records.append(
@@ -122,6 +156,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
                 "spread": [min(base) / max(ours), max(base) / min(ours)],
                 "threads": torch.get_num_threads(),
                 "rel_diff_vs_loop": diff,
+                "rel_diff_vs_loop_float64": diff64,
             }
         )
     return records
@@ -136,6 +171,11 @@ def main() -> None:
             f"{r['benchmark']:16s} {r['config']:40s} threads {r['metarun']:8.1f} ms, loop "
             f"{r['baseline']:8.1f} ms: {r['ratio']:.2f}x (blocks {r['spread'][0]:.2f}-"
             f"{r['spread'][1]:.2f}x), {r['threads']} threads, rel. diff {r['rel_diff_vs_loop']:.1e}"
+            + (
+                f" (float64 {r['rel_diff_vs_loop_float64']:.1e})"
+                if r["rel_diff_vs_loop_float64"] is not None
+                else ""
+            )
         )
 
 

@@ -106,7 +106,7 @@ else
 fi
 
 say "metarun (editable) and what importing it needs"
-pip install -q "hydra-core>=1.3,<1.4" "omegaconf>=2.3" rich ||
+pip install -q "hydra-core>=1.3,<1.4" "omegaconf>=2.3" rich ninja ||
     die "could not install metarun's import requirements"
 pip install -q --no-build-isolation --no-deps -e . || die "could not install metarun"
 

@@ -27,12 +27,18 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     steps = [f"{name}_step" for name in learners for _ in range(2)]  # 5w1s and 20w1s each
     maml = ["maml_a", "maml_b", "maml_imaml_memory"]
     threads = ["reptile_step", "reptile_predict", "imaml_step", "imaml_predict"]
+    threads.append("imaml_step_kernels")  # the same step with PyTorch's second derivatives
     continual = ["ewc_penalty"] * 3 + ["den_step"] * 2  # --quick: two DEN sizes
     names = ["sampler"] * 2 + ["sampler_84"] + steps + maml + threads + continual
     assert [r["benchmark"] for r in records] == names
     records, continual = records[: -len(continual)], records[-len(continual) :]
     records, threaded = records[: -len(threads)], records[-len(threads) :]
-    assert all(r["metarun"] > 0 and r["rel_diff_vs_loop"] < 0.05 for r in threaded)
+    assert all(r["metarun"] > 0 for r in threaded)
+    for r in threaded:  # the same computation: float64 agrees; float32 only to its rounding
+        if r["rel_diff_vs_loop_float64"] is None:  # predictions
+            assert r["rel_diff_vs_loop"] < 1e-2, r
+        else:
+            assert r["rel_diff_vs_loop_float64"] < 1e-9, r
     assert all(r["metarun"] > 0 and r["baseline"] > 0 for r in records[:-1] + continual)
     for r in records[-3:-1]:  # the same meta-gradients, whichever way they are computed
         assert max(r["meta_gradient_rel_diff_vs_baseline"].values()) < 1e-4, r
