@@ -122,7 +122,8 @@ def _build():
         os.environ["PATH"] = bindir + os.pathsep + path
         if not list(folder.glob("*.so")) and not list(folder.glob("*.pyd")):
             log.info(
-                "metarun: building the fused second-order kernels into %s (once per torch version)",
+                "building the fused second-order kernels into %s (once per torch version; "
+                "about half a minute)",
                 folder,
             )
         return cpp_extension.load(

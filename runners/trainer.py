@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from metarun.algorithms import second_order
 from metarun.algorithms.base import NonFiniteLoss
 from metarun.data.episodes import fixed_episodes
 from metarun.errors import CheckpointError, ConfigError, StoppedError
@@ -100,6 +101,10 @@ class Trainer:
         if cfg.trainer.get("compile"):
             check_compiler(device)
             self.learner.compile_network()
+        if device.type == "cpu" and any(
+            isinstance(m, second_order.FusedConv2d) for m in self.learner.modules()
+        ):
+            second_order.extension()  # a first build (about 35 s) before the clock starts
         self.learner.configure_optimizer(instantiate_clean(cfg.optimizer))
         tc = cfg.trainer
         self.schedule = lr_schedule(
