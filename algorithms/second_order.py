@@ -111,6 +111,17 @@ def extension():
 
 
 def _build():
+    # torch's CUDA builds log where CUDA_HOME is on import, which a CPU extension never uses
+    quiet = logging.getLogger("torch.utils.cpp_extension")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return _compile()
+    finally:
+        quiet.setLevel(level)
+
+
+def _compile():
     from torch.utils import cpp_extension
 
     folder = cache_dir()
@@ -141,7 +152,7 @@ def _build():
             "derivatives instead, with the same results. Install a C++ compiler (g++ or "
             "clang++) and ninja to get them, or set METARUN_FUSED_KERNELS=0 to skip this.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         return None
     finally:
@@ -158,9 +169,9 @@ def _autocast_on() -> bool:
 def applies(*tensors: torch.Tensor) -> bool:
     """Whether the fused kernels can take these tensors: CPU, float32/float64, autograd
     on, no autocast, no torch.func transform, not being compiled."""
-    if not enabled() or not torch.is_grad_enabled() or _autocast_on():
+    if torch.compiler.is_compiling():  # first: what torch.compile traces stays simple
         return False
-    if torch.compiler.is_compiling():
+    if not enabled() or not torch.is_grad_enabled() or _autocast_on():
         return False
     for t in tensors:
         if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64) or _wrapped(t):
