@@ -32,10 +32,10 @@ PyTorch in float64). Written in C++ so that MAML's worker threads run them witho
 Python's global lock.
 
 The extension is compiled on first use (about 35 s on a 2-core CPU; g++ or clang++ and
-ninja, which metarun installs) into `cache_dir()`, once per torch and Python version. It is used on the CPU, in float32 and
-float64, with autograd on and no autocast, and outside torch.func transforms and
-torch.compile; everywhere else, and when it cannot be built (one warning says why), the
-ops are PyTorch's own. METARUN_FUSED_KERNELS=0 turns it off.
+ninja, which metarun installs) into `cache_dir()`, once per torch and Python version. It
+is used on the CPU, in float32 and float64, with autograd on and no autocast, and outside
+torch.func transforms and torch.compile; everywhere else, and when it cannot be built (one
+warning says why), the ops are PyTorch's own. METARUN_FUSED_KERNELS=0 turns it off.
 """
 
 from __future__ import annotations
@@ -159,6 +159,11 @@ def _compile():
         os.environ["PATH"] = path
 
 
+def _compiling() -> bool:
+    check = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(check and check())
+
+
 def _autocast_on() -> bool:
     try:
         return torch.is_autocast_enabled("cpu")
@@ -169,7 +174,7 @@ def _autocast_on() -> bool:
 def applies(*tensors: torch.Tensor) -> bool:
     """Whether the fused kernels can take these tensors: CPU, float32/float64, autograd
     on, no autocast, no torch.func transform, not being compiled."""
-    if torch.compiler.is_compiling():  # first: what torch.compile traces stays simple
+    if _compiling():  # first: what torch.compile traces stays simple
         return False
     if not enabled() or not torch.is_grad_enabled() or _autocast_on():
         return False
