@@ -317,7 +317,8 @@ class BatchStatisticsNorm(nn.Module):
     over every dimension but the channels (dim 1). Outside torch.func transforms this
     is F.batch_norm (the fused kernel: measured 1.4x faster for a MAML step on the CPU),
     or on the CPU metarun's own kernel with a cheaper second derivative
-    (algorithms/second_order.py; the same forward values). Inside them (MAML's vmap over tasks) it is written out in plain tensor operations:
+    (algorithms/second_order.py; the same forward values). Inside them (MAML's vmap over
+    tasks) it is written out in plain tensor operations:
     under torch.func.vmap, PyTorch 2.13's second derivative of F.batch_norm with per-task
     weights came out wrong (checked against finite differences), the written-out form
     right. Parameters `weight` and `bias` keep batch norm's names, so state dicts match.

@@ -110,7 +110,8 @@ FAST = [
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(tmp_path_factory):
-    """One decode cache per test session (never ~/.cache), and wandb off by default."""
+    """One decode cache per test session (never ~/.cache, where only the compiled kernels
+    go), and wandb off by default."""
     cache = tmp_path_factory.mktemp("cache")
     keys = ("METARUN_CACHE", "WANDB_MODE", "METARUN_DATA", "METARUN_KERNEL_CACHE")
     old = {k: os.environ.get(k) for k in keys}
