@@ -111,24 +111,17 @@ def extension():
 
 
 def _build():
+    folder = cache_dir()
+    # pip installs ninja's executable beside Python's; the build looks for it on PATH
+    path = os.environ.get("PATH", "")
+    bindir = str(Path(sys.executable).parent)
     # torch's CUDA builds log where CUDA_HOME is on import, which a CPU extension never uses
     quiet = logging.getLogger("torch.utils.cpp_extension")
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        return _compile()
-    finally:
-        quiet.setLevel(level)
+        from torch.utils import cpp_extension
 
-
-def _compile():
-    from torch.utils import cpp_extension
-
-    folder = cache_dir()
-    # pip installs ninja's executable beside Python's; the build looks for it on PATH
-    path = os.environ.get("PATH", "")
-    bindir = str(Path(sys.executable).parent)
-    try:
         folder.mkdir(parents=True, exist_ok=True)
         os.environ["PATH"] = bindir + os.pathsep + path
         if not list(folder.glob("*.so")) and not list(folder.glob("*.pyd")):
@@ -152,11 +145,12 @@ def _compile():
             "derivatives instead, with the same results. Install a C++ compiler (g++ or "
             "clang++) and ninja to get them, or set METARUN_FUSED_KERNELS=0 to skip this.",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
         return None
     finally:
         os.environ["PATH"] = path
+        quiet.setLevel(level)
 
 
 def _compiling() -> bool:

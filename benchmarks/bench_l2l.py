@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.bench_maml import CONFIGS, INNER_LR, episodes, strided_conv4
+from benchmarks.bench_maml import CONFIGS, INNER_LR, as_dtype, episodes, strided_conv4
 from benchmarks.timing import interleaved, ms_per_call
 from metarun.algorithms import MAML, second_order
 from metarun.data import Episodes
@@ -204,13 +204,7 @@ def agreement(way: int, steps: int, ep: Episodes) -> dict:
     meta-gradients (metarun's through meta_train_step with a zero learning rate)."""
     maml, _, learner = make_sides(way, steps, torch.device("cpu"))
     maml, learner = maml.double(), learner.double()
-    ep = Episodes(
-        ep.support_x[:2].cpu().double(),
-        ep.support_y[:2].cpu(),
-        ep.query_x[:2].cpu().double(),
-        ep.query_y[:2].cpu(),
-        ep.classes[:2].cpu(),
-    )
+    ep = as_dtype(ep[:2].to("cpu"), torch.float64)
     maml.train()
     learner.train()
     x = ep.query_x[0]
@@ -284,6 +278,7 @@ def scaling(name: str, rounds: int = 4) -> dict:
     loop = copy.deepcopy(learner)
     loop.batched = "loop"
     loop.configure_optimizer(functools.partial(torch.optim.Adam, lr=META_LR))
+    unfused = second_order.turned_off()(loop.meta_train_step)  # PyTorch's derivatives
     threads = torch.get_num_threads()
     out = {"benchmark": f"maml_scaling_{name}", "threads": threads, "unit": "meta-iterations/s"}
     try:
@@ -294,7 +289,7 @@ def scaling(name: str, rounds: int = 4) -> dict:
                 f"metarun_loop@{n}": lambda: loop.meta_train_step(ep),
             }
             if n == 1:  # what metarun's fused second-order kernels bring, one thread
-                sides["metarun_loop_unfused@1"] = lambda: unfused(loop.meta_train_step, ep)
+                sides["metarun_loop_unfused@1"] = lambda: unfused(ep)
             if n > 1:
                 sides[f"metarun_auto@{n}"] = lambda: learner.meta_train_step(ep)
             for step in sides.values():  # warm-up
@@ -307,11 +302,6 @@ def scaling(name: str, rounds: int = 4) -> dict:
     finally:
         torch.set_num_threads(threads)
     return out
-
-
-def unfused(step, ep) -> None:
-    with second_order.turned_off():
-        step(ep)
 
 
 def print_scaling(r: dict) -> None:

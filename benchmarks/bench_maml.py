@@ -69,6 +69,13 @@ def strided_conv4() -> nn.Sequential:
     return conv4(variant=cfg.variant, hidden=cfg.hidden, channels_last=cfg.channels_last)
 
 
+def as_dtype(ep: Episodes, dtype: torch.dtype) -> Episodes:
+    """The same episodes with their images in `dtype` (labels unchanged)."""
+    return Episodes(
+        ep.support_x.to(dtype), ep.support_y, ep.query_x.to(dtype), ep.query_y, ep.classes
+    )
+
+
 def episodes(way, shot, query, batch, device, seed=0) -> Episodes:
     """Random images in the episode shape: only shapes matter for speed."""
     g = torch.Generator().manual_seed(seed)
@@ -141,12 +148,7 @@ def sides(way, steps, device):
         out[batched] = (learner, lambda ep, m=learner: m.meta_train_step(ep))
     unfused = copy.deepcopy(reference)  # auto with PyTorch's own second derivatives
     unfused.to(device).configure_optimizer(functools.partial(torch.optim.Adam, lr=1e-3))
-
-    def unfused_step(ep, m=unfused):
-        with second_order.turned_off():
-            m.meta_train_step(ep)
-
-    out["unfused"] = (unfused, unfused_step)
+    out["unfused"] = (unfused, second_order.turned_off()(unfused.meta_train_step))
     model = Model(way)
     with torch.no_grad():  # the same weights; module indices differ (no ChannelsLast layer)
         for p, q in zip(model.parameters(), reference.parameters(), strict=True):
@@ -176,9 +178,7 @@ def gradient_agreement(runs: dict, ep: Episodes, steps: int) -> dict:
     float32 as timed and in float64 on the same tasks (where rounding is out of the way)."""
     out = {}
     for dtype in (torch.float32, torch.float64):
-        e = Episodes(
-            ep.support_x.to(dtype), ep.support_y, ep.query_x.to(dtype), ep.query_y, ep.classes
-        )
+        e = as_dtype(ep, dtype)
         grads = {k: meta_gradients(m, e, steps, dtype) for k, (m, _) in runs.items()}
         with second_order.turned_off():
             grads["unfused"] = meta_gradients(runs["unfused"][0], e, steps, dtype)

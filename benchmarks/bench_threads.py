@@ -32,10 +32,9 @@ import statistics
 
 import torch
 
-from benchmarks.bench_maml import episodes, strided_conv4
+from benchmarks.bench_maml import as_dtype, episodes, strided_conv4
 from benchmarks.timing import interleaved
 from metarun.algorithms import IMAML, Reptile, second_order
-from metarun.data import Episodes
 
 REPEATS, BLOCK_S = 7, 1.0
 
@@ -71,22 +70,10 @@ def difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(a, b))
 
 
-def unfused(call):
-    """`call` with PyTorch's own second derivatives instead of metarun's fused kernels."""
-
-    def wrapped():
-        with second_order.turned_off():
-            call()
-
-    return wrapped
-
-
 def after_one_step(loop, threads, ep, wrap=lambda call: call, dtype=torch.float32) -> float:
     """Largest relative difference of the weights after one step, computed in `dtype`;
     `wrap` wraps the first (loop) side's step."""
-    ep = Episodes(
-        ep.support_x.to(dtype), ep.support_y, ep.query_x.to(dtype), ep.query_y, ep.classes
-    )
+    ep = as_dtype(ep, dtype)
     out = []
     for learner, w in ((copy.deepcopy(loop), wrap), (copy.deepcopy(threads), lambda c: c)):
         learner.to(dtype)
@@ -128,6 +115,7 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
         loop, threads = pair(make)
         if kind == "kernels":  # both threaded: metarun's fused kernels against PyTorch's
             loop.batched = "threads"
+            unfused = second_order.turned_off()  # as a decorator: PyTorch's derivatives
             a, b = step(threads, ep), unfused(step(loop, ep))
             diff = after_one_step(loop, threads, ep, unfused)
             diff64 = after_one_step(loop, threads, ep, unfused, torch.float64)
